@@ -1,0 +1,26 @@
+# l2kv.cmake - compiles l2kv-cpp's own sources into the llama target.
+#
+# Included from src/CMakeLists.txt by patches/0001-build-compile-l2kv-sources.patch; the build
+# script copies native/ of the l2kv-cpp repository to <llama.cpp>/l2kv/ before configuring.
+
+set(LLAMA_L2KV_DIR ${CMAKE_CURRENT_LIST_DIR})
+
+set(LLAMA_L2KV_SOURCES
+    ${LLAMA_L2KV_DIR}/src/llama-l2kv.cpp
+)
+
+target_sources(llama PRIVATE ${LLAMA_L2KV_SOURCES} ${LLAMA_L2KV_DIR}/include/llama-l2kv.h)
+
+# like the other core sources: not part of the unity build
+set_source_files_properties(${LLAMA_L2KV_SOURCES} PROPERTIES SKIP_UNITY_BUILD_INCLUSION ON)
+
+target_include_directories(llama PUBLIC $<BUILD_INTERFACE:${LLAMA_L2KV_DIR}/include>)
+
+# lets llama_l2kv_build_info() name the exact patch series the library was built from
+set(LLAMA_L2KV_SOURCE_HASH "unknown" CACHE STRING "l2kv-cpp: hash of patches/ and native/")
+# (set on the one file that uses it, so a new hash does not recompile all of libllama)
+set_property(SOURCE ${LLAMA_L2KV_DIR}/src/llama-l2kv.cpp APPEND PROPERTY
+    COMPILE_DEFINITIONS LLAMA_L2KV_SOURCE_HASH="${LLAMA_L2KV_SOURCE_HASH}")
+
+include(GNUInstallDirs)
+install(FILES ${LLAMA_L2KV_DIR}/include/llama-l2kv.h DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
