@@ -178,7 +178,7 @@ def run(
     click.echo(result.text)
     click.echo(
         f"[{result.n_prompt_tokens} prompt + {result.n_generated_tokens} generated tokens, "
-        f"{result.tokens_per_second:.1f} tokens/s, {'chat template' if result.chat_template else 'plain'}]",
+        f"{result.prompt_seconds:.2f} s prompt, {result.tokens_per_second:.1f} tokens/s, {'chat template' if result.chat_template else 'plain'}]",
         err=True,
     )
 

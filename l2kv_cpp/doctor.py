@@ -117,7 +117,7 @@ def _model_checks() -> Iterator[Check]:
         elif not st.present and name != DEFAULT_MODEL:
             yield Check(label, WARN, f"not downloaded ({model.path})", model.fetch_hint())
         else:
-            yield Check(label, FAIL, st.problem() or "unusable", model.fetch_hint() + " --force")
+            yield Check(label, FAIL, st.problem() or "unusable", model.fetch_hint(force=st.present))
 
 
 def run_checks(on_check: Callable[[Check], None] | None = None) -> list[Check]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _lib
+from ._ffi import native
 from .errors import InvalidParamsError, ModelError
 from .gguf_file import check_gguf
 
@@ -43,18 +44,22 @@ class GenerationResult:
     text: str
     n_prompt_tokens: int
     n_generated_tokens: int
-    seconds: float
+    prompt_seconds: float  # prompt processing, up to the first generated token
+    generation_seconds: float  # the remaining tokens
     chat_template: bool
 
     @property
     def tokens_per_second(self) -> float:
-        return self.n_generated_tokens / self.seconds if self.seconds > 0 else 0.0
+        """Generation speed, excluding prompt processing (the first token comes with the prompt)."""
+        n = self.n_generated_tokens - 1
+        return n / self.generation_seconds if n > 0 and self.generation_seconds > 0 else 0.0
 
 
 def load_llama(model_path: str | os.PathLike[str], settings: GenerationSettings, verbose: bool = False) -> Any:
     """A llama_cpp.Llama for a checked GGUF file; load failures become one-line ModelErrors."""
     path = Path(model_path)
     check_gguf(path)
+    native()  # refuse a stock libllama before doing any work
     llama_cpp = _lib.llama_cpp()
     try:
         return llama_cpp.Llama(
@@ -74,19 +79,50 @@ def has_chat_template(llm: Any) -> bool:
     return bool(llm.metadata.get("tokenizer.chat_template"))
 
 
+def chat_prompt(llm: Any, user_text: str) -> str:
+    """The user turn rendered with the model's own chat template (with the generation prompt)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    model = llm._model
+    formatter = Jinja2ChatFormatter(
+        template=llm.metadata["tokenizer.chat_template"],
+        eos_token=model.token_get_text(llm.token_eos()),
+        bos_token=model.token_get_text(llm.token_bos()),
+    )
+    return formatter(messages=[{"role": "user", "content": user_text}]).prompt
+
+
 def generate(llm: Any, prompt: str, settings: GenerationSettings) -> GenerationResult:
-    """One greedy (or sampled) answer to `prompt`, through the chat template when there is one."""
+    """Up to `n_predict` tokens answering `prompt`, through the chat template when there is one.
+
+    Generation stops at an end-of-generation token or after exactly `n_predict` tokens (the
+    high-level llama-cpp-python completion may overshoot to finish a UTF-8 character).
+    """
+    llama_cpp = _lib.llama_cpp()
     use_chat = has_chat_template(llm) if settings.chat is None else settings.chat
     if use_chat and not has_chat_template(llm):
-        raise ModelError("the model has no chat template; use a plain completion (chat=False)")
-    common = dict(max_tokens=settings.n_predict, temperature=settings.temperature, seed=settings.seed)
+        raise ModelError("the model has no chat template; use a plain completion (--no-chat)")
+    text = chat_prompt(llm, prompt) if use_chat else prompt
+    # a template writes its own BOS token when it wants one; plain prompts get the model's default
+    tokens = llm.tokenize(text.encode(), add_bos=not use_chat, special=use_chat)
+    if len(tokens) + settings.n_predict > settings.n_ctx:
+        raise InvalidParamsError(
+            f"prompt ({len(tokens)} tokens) + n_predict ({settings.n_predict}) exceeds the context size "
+            f"({settings.n_ctx}); raise -c/--ctx-size or shorten the prompt"
+        )
+    vocab = llm._model.vocab
+    out: list[int] = []
     t0 = time.perf_counter()
-    if use_chat:
-        out = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], **common)
-        text = out["choices"][0]["message"]["content"] or ""
-    else:
-        out = llm.create_completion(prompt, **common)
-        text = out["choices"][0]["text"]
-    seconds = time.perf_counter() - t0
-    usage = out["usage"]
-    return GenerationResult(text, usage["prompt_tokens"], usage["completion_tokens"], seconds, use_chat)
+    t_first = None
+    for token in llm.generate(tokens, temp=settings.temperature, top_k=40, top_p=0.95, min_p=0.05, reset=True):
+        if llama_cpp.llama_vocab_is_eog(vocab, token):
+            break
+        if t_first is None:
+            t_first = time.perf_counter()
+        out.append(token)
+        if len(out) >= settings.n_predict:
+            break
+    t_end = time.perf_counter()
+    t_first = t_first or t_end
+    answer = llm.detokenize(out).decode("utf-8", errors="replace")
+    return GenerationResult(answer, len(tokens), len(out), t_first - t0, t_end - t_first, use_chat)

@@ -49,8 +49,8 @@ class KnownModel:
     def path(self) -> Path:
         return models_dir() / self.filename
 
-    def fetch_hint(self) -> str:
-        return f"fetch it with `l2kv-cpp models --fetch {self.name}`"
+    def fetch_hint(self, force: bool = False) -> str:
+        return f"fetch it with `l2kv-cpp models --fetch {self.name}{' --force' if force else ''}`"
 
 
 SMOLLM2 = KnownModel(
@@ -110,10 +110,10 @@ class ModelStatus:
         if self.size != m.size:
             return (
                 f"model '{m.name}' at {m.path} is {self.size:,} bytes, expected {m.size:,} (truncated or "
-                f"replaced); {m.fetch_hint()} --force"
+                f"replaced); {m.fetch_hint(force=True)}"
             )
         if not self.hash_ok:
-            return f"model '{m.name}' at {m.path} fails its sha256 check (corrupt); {m.fetch_hint()} --force"
+            return f"model '{m.name}' at {m.path} fails its sha256 check (corrupt); {m.fetch_hint(force=True)}"
         return None
 
 
