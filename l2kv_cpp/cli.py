@@ -6,6 +6,7 @@ auto_envvar_prefix). Errors are one line on stderr and a non-zero exit, never a 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -161,24 +162,14 @@ def run(
     finally:
         llm.close()
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "model": str(path),
-                    "prompt": prompt,
-                    "text": result.text,
-                    "chat_template": result.chat_template,
-                    "n_prompt_tokens": result.n_prompt_tokens,
-                    "n_generated_tokens": result.n_generated_tokens,
-                    "tokens_per_second": round(result.tokens_per_second, 2),
-                }
-            )
-        )
+        record = {"model": str(path), "prompt": prompt, **dataclasses.asdict(result)}
+        click.echo(json.dumps({**record, "tokens_per_second": round(result.tokens_per_second, 2)}))
         return
     click.echo(result.text)
     click.echo(
         f"[{result.n_prompt_tokens} prompt + {result.n_generated_tokens} generated tokens, "
-        f"{result.prompt_seconds:.2f} s prompt, {result.tokens_per_second:.1f} tokens/s, {'chat template' if result.chat_template else 'plain'}]",
+        f"{result.prompt_seconds:.2f} s prompt, {result.tokens_per_second:.1f} tokens/s, "
+        f"{'chat template' if result.chat_template else 'plain'}]",
         err=True,
     )
 
