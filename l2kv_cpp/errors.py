@@ -25,6 +25,10 @@ class InvalidParamsError(L2KVError, ValueError):
     """A setting is out of range; the message names it, the value and the constraint."""
 
 
+class UnsupportedModelError(L2KVError):
+    """The model or context cannot be served by eviction (e.g. recurrent memory, MLA, flash attention off)."""
+
+
 class NativeCallError(L2KVError):
     """A call into the l2kv C API returned an error status."""
 

@@ -7,6 +7,7 @@ set(LLAMA_L2KV_DIR ${CMAKE_CURRENT_LIST_DIR})
 
 set(LLAMA_L2KV_SOURCES
     ${LLAMA_L2KV_DIR}/src/llama-l2kv.cpp
+    ${LLAMA_L2KV_DIR}/src/llama-kv-cache-l2.cpp
 )
 
 target_sources(llama PRIVATE ${LLAMA_L2KV_SOURCES} ${LLAMA_L2KV_DIR}/include/llama-l2kv.h)
@@ -15,6 +16,8 @@ target_sources(llama PRIVATE ${LLAMA_L2KV_SOURCES} ${LLAMA_L2KV_DIR}/include/lla
 set_source_files_properties(${LLAMA_L2KV_SOURCES} PROPERTIES SKIP_UNITY_BUILD_INCLUSION ON)
 
 target_include_directories(llama PUBLIC $<BUILD_INTERFACE:${LLAMA_L2KV_DIR}/include>)
+# llama-kv-cache.cpp includes llama-kv-cache-l2.h through the hooks of the patch series
+target_include_directories(llama PRIVATE ${LLAMA_L2KV_DIR}/src)
 
 # lets llama_l2kv_build_info() name the exact patch series the library was built from
 set(LLAMA_L2KV_SOURCE_HASH "unknown" CACHE STRING "l2kv-cpp: hash of patches/ and native/")

@@ -58,8 +58,9 @@ def _run_with_path(path_dirs: list[Path]) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": os.pathsep.join(map(str, path_dirs))}
     env.pop("CC", None)
     env.pop("CXX", None)
-    return subprocess.run([sys.executable, str(SCRIPT), "--no-install"], env=env, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--no-install"], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def _bin_with(tmp_path: Path, names: list[str]) -> Path:

@@ -21,7 +21,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define LLAMA_L2KV_ABI_VERSION 1
+#define LLAMA_L2KV_ABI_VERSION 2
 
 #ifdef __cplusplus
 extern "C" {
@@ -30,17 +30,62 @@ extern "C" {
 // L2KV_CDEF_BEGIN
 
     // status codes returned by the l2kv functions; 0 is success, errors are negative
+    // every error is also logged through llama.cpp's log with the offending value
     enum llama_l2kv_status {
         LLAMA_L2KV_STATUS_OK                 =  0,
         LLAMA_L2KV_STATUS_INVALID_ARGUMENT   = -1, // a NULL pointer or an out-of-range value
         LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY = -2, // the context has no KV cache the scheme can serve
+        LLAMA_L2KV_STATUS_UNSUPPORTED_CONFIG = -3, // e.g. flash attention off, several sequences, MLA, ALiBi
+        LLAMA_L2KV_STATUS_INVALID_STATE      = -4, // e.g. enabling on a cache that already holds tokens
+        LLAMA_L2KV_STATUS_NOT_ENABLED        = -5, // eviction is not enabled on this context
+        LLAMA_L2KV_STATUS_COMPUTE_FAILED     = -6, // the compaction graph failed on the backend
+    };
+
+    // which entries survive an eviction, per layer and KV head (or per layer, see per_head)
+    enum llama_l2kv_policy {
+        LLAMA_L2KV_POLICY_KEEP_LOW_NORM  = 0, // keep the keys with the lowest L2 norm (the paper's rule, default)
+        LLAMA_L2KV_POLICY_KEEP_HIGH_NORM = 1, // keep the highest-norm keys (the paper's negative control)
+        LLAMA_L2KV_POLICY_RANDOM         = 2, // keep a seeded pseudo-random subset (depends only on seed, layer, head, position)
+        LLAMA_L2KV_POLICY_WINDOW         = 3, // keep the n_sink first and the most recent tokens (StreamingLLM)
+    };
+
+    struct llama_l2kv_params {
+        uint32_t kv_budget;          // entries kept per layer and KV head after an eviction (>= 1)
+                                     // the context needs n_ctx >= kv_budget + n_batch cells: the cache grows to
+                                     // that size, then evicts down to kv_budget (one eviction per n_ctx - kv_budget tokens)
+        uint32_t n_sink;             // tokens at the first positions (0 .. n_sink-1) that are never evicted
+        uint32_t n_recent;           // newest tokens that are never evicted (n_sink + n_recent < kv_budget)
+        int32_t  policy;             // enum llama_l2kv_policy
+        bool     per_head;           // true: each KV head keeps its own entries (the paper); false: one choice per layer,
+                                     // scored by the sum of the heads' key norms
+        uint64_t seed;               // seed of LLAMA_L2KV_POLICY_RANDOM
+        int32_t  n_skip_layers;      // entries in skip_layers; -1: the paper's default, layers {0, 1}; 0: skip none
+        const int32_t * skip_layers; // model layer ids that keep the n_sink first + most recent tokens instead
+                                     // (every layer must hold the same number of entries, so skipped layers cannot
+                                     // keep everything); copied by llama_l2kv_enable
+    };
+
+    struct llama_l2kv_stats {
+        bool     enabled;            // eviction is enabled on the context
+        uint32_t kv_budget;          // the configured budget (0 when disabled)
+        uint32_t kv_size;            // cells in the budgeted KV cache (n_ctx, or the full-attention part of an iSWA cache)
+        uint32_t n_cells_used;       // cells holding an entry now (<= kv_size)
+        uint32_t n_cells_compacted;  // cells [0, n) hold entries kept by the last eviction
+        uint32_t n_layers;           // cache layers under eviction (full-attention layers only for iSWA models)
+        int32_t  pos_max;            // last position stored in the cache (-1 when empty)
+        uint64_t n_evictions;        // eviction events so far
+        uint64_t n_dropped;          // entries dropped per (layer, KV head), summed over events
+        uint64_t n_moved_rows;       // K/V rows moved on the backend, all layers and heads
+        double   t_evict_ms;         // wall time spent evicting (ranking + compaction graph)
+        uint64_t kv_bytes;           // K/V buffer size of the budgeted cache
+        uint64_t norm_bytes;         // size of the per-layer key norm buffers
     };
 
     // ABI version of the library (LLAMA_L2KV_ABI_VERSION at build time)
     // call this first: a library without this symbol is a stock llama.cpp
     LLAMA_API int32_t llama_l2kv_abi_version(void);
 
-    // human-readable build description, e.g. "l2kv-cpp abi 1, llama.cpp 0c1e5709"
+    // human-readable build description, e.g. "l2kv-cpp abi 2; llama.cpp 0c1e5709; source 0123456789ab"
     // the returned string is static and must not be freed
     LLAMA_API const char * llama_l2kv_build_info(void);
 
@@ -51,6 +96,36 @@ extern "C" {
     // LLAMA_FLASH_ATTN_TYPE_AUTO (the value the graphs are built with)
     // writes the answer to *out and returns a status
     LLAMA_API int32_t llama_l2kv_get_flash_attn(const struct llama_context * ctx, bool * out);
+
+    // defaults: kv_budget 4096, n_sink 4, n_recent 32, keep-low-norm, per head, seed 0, skip layers {0, 1}
+    LLAMA_API struct llama_l2kv_params llama_l2kv_default_params(void);
+
+    // enable eviction on a context whose KV cache is still empty (call before the first decode)
+    // checks the budget against the context size and refuses what the scheme cannot serve
+    // (see enum llama_l2kv_status); on success every later decode stores key norms and evicts as needed
+    LLAMA_API int32_t llama_l2kv_enable(struct llama_context * ctx, const struct llama_l2kv_params * params);
+
+    // stop evicting and drop the norm buffers; the cache keeps its entries
+    LLAMA_API int32_t llama_l2kv_disable(struct llama_context * ctx);
+
+    // counters and sizes; works (enabled = false) on any context with a KV cache
+    LLAMA_API int32_t llama_l2kv_get_stats(const struct llama_context * ctx, struct llama_l2kv_stats * out);
+
+    // the key norms and true positions of model layer il, for cells [0, n) where n is the returned value
+    // layout: [cell][kv head], n_cells_max*n_head_kv entries each; empty cells get norm 0 and position -1
+    // either output may be NULL; returns the number of cells written (>= 0) or a negative status
+    LLAMA_API int32_t llama_l2kv_read_layer(
+            struct llama_context * ctx,
+                         int32_t   il,
+                           float * norms,
+                         int32_t * pos,
+                         int32_t   n_cells_max);
+
+    // KV heads of model layer il in the budgeted cache, or a negative status (e.g. a sliding-window layer)
+    LLAMA_API int32_t llama_l2kv_n_head_kv(const struct llama_context * ctx, int32_t il);
+
+    // evict down to kv_budget now if more entries are held (normally this happens when the cache is full)
+    LLAMA_API int32_t llama_l2kv_evict_now(struct llama_context * ctx);
 
 // L2KV_CDEF_END
 

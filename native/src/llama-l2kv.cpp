@@ -7,7 +7,14 @@
 
 #include "llama-context.h"
 #include "llama-impl.h"
+#include "llama-kv-cache-iswa.h"
+#include "llama-kv-cache-l2.h"
+#include "llama-kv-cache.h"
 #include "llama-version.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
 
 // set by native/l2kv.cmake from the build script: a hash of patches/ + native/
 #ifndef LLAMA_L2KV_SOURCE_HASH
@@ -32,6 +39,10 @@ const char * llama_l2kv_status_str(int32_t status) {
         case LLAMA_L2KV_STATUS_OK:                 return "ok";
         case LLAMA_L2KV_STATUS_INVALID_ARGUMENT:   return "invalid argument";
         case LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY: return "unsupported memory";
+        case LLAMA_L2KV_STATUS_UNSUPPORTED_CONFIG: return "unsupported configuration";
+        case LLAMA_L2KV_STATUS_INVALID_STATE:      return "invalid state";
+        case LLAMA_L2KV_STATUS_NOT_ENABLED:        return "not enabled";
+        case LLAMA_L2KV_STATUS_COMPUTE_FAILED:     return "compute failed";
         default:                                   return "unknown status";
     }
 }
@@ -43,4 +54,241 @@ int32_t llama_l2kv_get_flash_attn(const struct llama_context * ctx, bool * out) 
     }
     *out = ctx->get_cparams().flash_attn;
     return LLAMA_L2KV_STATUS_OK;
+}
+
+// the KV cache eviction applies to: the whole cache, or the full-attention part of an iSWA cache
+static llama_kv_cache * llama_l2kv_find_cache(const llama_context * ctx, const char * func) {
+    llama_memory_i * mem = ctx->get_memory();
+    if (mem == nullptr) {
+        LLAMA_LOG_ERROR("%s: the context has no KV cache (e.g. an embedding-only context)\n", func);
+        return nullptr;
+    }
+    if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
+        return kv;
+    }
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        return iswa->get_base();
+    }
+    LLAMA_LOG_ERROR("%s: the context's memory is not a plain or sliding-window KV cache "
+            "(recurrent, hybrid and other caches are not supported)\n", func);
+    return nullptr;
+}
+
+struct llama_l2kv_params llama_l2kv_default_params(void) {
+    struct llama_l2kv_params p = {
+        /*.kv_budget     =*/ 4096,
+        /*.n_sink        =*/ 4,
+        /*.n_recent      =*/ 32,
+        /*.policy        =*/ LLAMA_L2KV_POLICY_KEEP_LOW_NORM,
+        /*.per_head      =*/ true,
+        /*.seed          =*/ 0,
+        /*.n_skip_layers =*/ -1,
+        /*.skip_layers   =*/ nullptr,
+    };
+    return p;
+}
+
+int32_t llama_l2kv_enable(struct llama_context * ctx, const struct llama_l2kv_params * params) {
+    if (ctx == nullptr || params == nullptr) {
+        LLAMA_LOG_ERROR("%s: ctx and params must not be NULL\n", __func__);
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    llama_kv_cache * kv = llama_l2kv_find_cache(ctx, __func__);
+    if (kv == nullptr) {
+        return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
+    }
+    if (llama_kv_cache_l2::get(*kv) != nullptr) {
+        LLAMA_LOG_ERROR("%s: eviction is already enabled on this context; disable it first\n", __func__);
+        return LLAMA_L2KV_STATUS_INVALID_STATE;
+    }
+    if (!ctx->get_cparams().flash_attn) {
+        LLAMA_LOG_ERROR("%s: flash attention is off; create the context with flash attention enabled\n", __func__);
+        return LLAMA_L2KV_STATUS_UNSUPPORTED_CONFIG;
+    }
+
+    const uint32_t n_layer = llama_model_n_layer(&ctx->get_model());
+    const uint32_t kv_size = kv->get_size();
+    const uint32_t n_batch = ctx->n_batch();
+
+    if (params->kv_budget < 1) {
+        LLAMA_LOG_ERROR("%s: kv_budget (%u) must be >= 1\n", __func__, params->kv_budget);
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    if ((uint64_t) params->n_sink + params->n_recent >= params->kv_budget) {
+        LLAMA_LOG_ERROR("%s: n_sink (%u) + n_recent (%u) must be < kv_budget (%u)\n", __func__, params->n_sink, params->n_recent, params->kv_budget);
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    if ((uint64_t) params->kv_budget + n_batch > kv_size) {
+        LLAMA_LOG_ERROR("%s: kv_budget (%u) + n_batch (%u) exceeds the KV cache size (%u cells); "
+                "create the context with n_ctx >= %u\n", __func__, params->kv_budget, n_batch, kv_size, params->kv_budget + n_batch);
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    if (params->policy < LLAMA_L2KV_POLICY_KEEP_LOW_NORM || params->policy > LLAMA_L2KV_POLICY_WINDOW) {
+        LLAMA_LOG_ERROR("%s: policy (%d) is not a llama_l2kv_policy\n", __func__, params->policy);
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    if (params->n_skip_layers < -1 || (params->n_skip_layers > 0 && params->skip_layers == nullptr)) {
+        LLAMA_LOG_ERROR("%s: n_skip_layers (%d) must be -1, 0, or the length of skip_layers (not NULL)\n", __func__, params->n_skip_layers);
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    std::vector<int32_t> skip;
+    if (params->n_skip_layers == -1) {
+        skip = { 0, 1 }; // the paper leaves its first two layers uncompressed
+    } else {
+        skip.assign(params->skip_layers, params->skip_layers + params->n_skip_layers);
+    }
+    for (int32_t il : skip) {
+        if (il < 0 || (uint32_t) il >= n_layer) {
+            LLAMA_LOG_ERROR("%s: skip layer %d is out of range [0, %u)\n", __func__, il, n_layer);
+            return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+        }
+    }
+    if (kv->get_cells(0).get_used() > 0) {
+        LLAMA_LOG_ERROR("%s: the KV cache already holds %u entries; enable eviction before the first decode "
+                "(or clear the memory first)\n", __func__, kv->get_cells(0).get_used());
+        return LLAMA_L2KV_STATUS_INVALID_STATE;
+    }
+
+    auto l2 = std::make_shared<llama_kv_cache_l2>(*kv, *params, std::move(skip));
+    const int32_t status = l2->init();
+    if (status != LLAMA_L2KV_STATUS_OK) {
+        return status;
+    }
+    llama_kv_cache_l2::attach(*kv, l2);
+
+    // graphs built so far lack the norm nodes: the pending reset makes memory_update drop them and
+    // reserve the worst-case graph again, now with the norm nodes
+    ctx->memory_update(false);
+
+    LLAMA_LOG_INFO("%s: L2 eviction on %u layers: budget %u of %u cells, n_sink %u, n_recent %u, policy %d, %s, "
+            "%zu skip layers, norms %.2f MiB\n", __func__, l2->n_layer(), params->kv_budget, kv_size, params->n_sink,
+            params->n_recent, params->policy, params->per_head ? "per head" : "per layer", l2->skip_layers.size(),
+            l2->norm_bytes()/1024.0/1024.0);
+
+    return LLAMA_L2KV_STATUS_OK;
+}
+
+int32_t llama_l2kv_disable(struct llama_context * ctx) {
+    if (ctx == nullptr) {
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    llama_kv_cache * kv = llama_l2kv_find_cache(ctx, __func__);
+    if (kv == nullptr) {
+        return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
+    }
+    llama_kv_cache_l2 * l2 = llama_kv_cache_l2::get(*kv);
+    if (l2 == nullptr) {
+        return LLAMA_L2KV_STATUS_NOT_ENABLED;
+    }
+    ctx->synchronize();
+    // rebuild the graphs without the norm nodes before the norm tensors go away
+    l2->detaching     = true;
+    l2->pending_reset = true;
+    ctx->memory_update(false);
+    llama_kv_cache_l2::attach(*kv, nullptr);
+    return LLAMA_L2KV_STATUS_OK;
+}
+
+int32_t llama_l2kv_get_stats(const struct llama_context * ctx, struct llama_l2kv_stats * out) {
+    if (ctx == nullptr || out == nullptr) {
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    const llama_kv_cache * kv = llama_l2kv_find_cache(ctx, __func__);
+    if (kv == nullptr) {
+        return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
+    }
+    const llama_kv_cache_l2 * l2 = llama_kv_cache_l2::get(*kv);
+    const auto & cells = kv->get_cells(0);
+
+    *out = {};
+    out->enabled      = l2 != nullptr;
+    out->kv_size      = kv->get_size();
+    out->n_cells_used = cells.get_used();
+    out->pos_max      = cells.seq_pos_max(0);
+    if (l2) {
+        out->kv_budget         = l2->params.kv_budget;
+        out->n_cells_compacted = l2->n_comp;
+        out->n_layers          = l2->n_layer();
+        out->n_evictions       = l2->n_evictions;
+        out->n_dropped         = l2->n_dropped;
+        out->n_moved_rows      = l2->n_moved_rows;
+        out->t_evict_ms        = l2->t_evict_us/1000.0;
+        out->kv_bytes          = l2->kv_bytes();
+        out->norm_bytes        = l2->norm_bytes();
+    }
+    return LLAMA_L2KV_STATUS_OK;
+}
+
+static llama_kv_cache_l2 * llama_l2kv_get_enabled(const llama_context * ctx, const char * func) {
+    const llama_kv_cache * kv = llama_l2kv_find_cache(ctx, func);
+    if (kv == nullptr) {
+        return nullptr;
+    }
+    llama_kv_cache_l2 * l2 = llama_kv_cache_l2::get(*kv);
+    if (l2 == nullptr) {
+        LLAMA_LOG_ERROR("%s: L2 eviction is not enabled on this context\n", func);
+    }
+    return l2;
+}
+
+int32_t llama_l2kv_n_head_kv(const struct llama_context * ctx, int32_t il) {
+    if (ctx == nullptr) {
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    const llama_kv_cache_l2 * l2 = llama_l2kv_get_enabled(ctx, __func__);
+    if (l2 == nullptr) {
+        return LLAMA_L2KV_STATUS_NOT_ENABLED;
+    }
+    const int32_t ikv = l2->layer_ikv(il);
+    if (ikv < 0) {
+        LLAMA_LOG_ERROR("%s: layer %d is not in the budgeted cache (out of range or sliding-window)\n", __func__, il);
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    return (int32_t) l2->n_head_kv(ikv);
+}
+
+int32_t llama_l2kv_read_layer(struct llama_context * ctx, int32_t il, float * norms, int32_t * pos, int32_t n_cells_max) {
+    if (ctx == nullptr || n_cells_max < 0) {
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    const int32_t nh = llama_l2kv_n_head_kv(ctx, il);
+    if (nh < 0) {
+        return nh;
+    }
+    const llama_kv_cache_l2 * l2 = llama_l2kv_get_enabled(ctx, __func__);
+    const uint32_t ikv = l2->layer_ikv(il);
+    const auto & cells = l2->cells();
+    const uint32_t n = std::min<uint32_t>(cells.used_max_p1(), n_cells_max);
+
+    ctx->synchronize();
+    if (norms != nullptr && n > 0) {
+        ggml_backend_tensor_get(l2->kn[ikv], norms, 0, (size_t) n*nh*sizeof(float));
+    }
+    for (uint32_t c = 0; c < n; ++c) {
+        const bool empty = cells.is_empty(c);
+        for (int32_t h = 0; h < nh; ++h) {
+            const size_t i = (size_t) c*nh + h;
+            if (norms != nullptr) {
+                norms[i] = empty ? 0.0f : std::sqrt(norms[i]);
+            }
+            if (pos != nullptr) {
+                pos[i] = empty ? -1 : l2->true_pos(ikv, c, h);
+            }
+        }
+    }
+    return (int32_t) n;
+}
+
+int32_t llama_l2kv_evict_now(struct llama_context * ctx) {
+    if (ctx == nullptr) {
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    llama_kv_cache_l2 * l2 = llama_l2kv_get_enabled(ctx, __func__);
+    if (l2 == nullptr) {
+        return LLAMA_L2KV_STATUS_NOT_ENABLED;
+    }
+    l2->failed        = false;
+    l2->pending_evict = true;
+    ctx->memory_update(false);
+    return l2->failed ? LLAMA_L2KV_STATUS_COMPUTE_FAILED : LLAMA_L2KV_STATUS_OK;
 }

@@ -1,0 +1,102 @@
+"""Eviction on a llama.cpp context: enable it, read statistics, norms and positions, force an eviction.
+
+A thin layer over the C API (`llama_l2kv_*`, see native/include/llama-l2kv.h); `ctx` is the
+`llama_context_p` of llama-cpp-python (e.g. `Llama.ctx`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._ffi import native
+from .config import L2KVConfig
+from .errors import InvalidParamsError, NativeCallError, UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class L2KVStats:
+    """Python view of `struct llama_l2kv_stats`."""
+
+    enabled: bool
+    kv_budget: int
+    kv_size: int
+    n_cells_used: int
+    n_cells_compacted: int
+    n_layers: int
+    pos_max: int
+    n_evictions: int
+    n_dropped: int
+    n_moved_rows: int
+    t_evict_ms: float
+    kv_bytes: int
+    norm_bytes: int
+
+
+# C status -> exception class (llama_l2kv_status)
+_ERRORS = {-1: InvalidParamsError, -2: UnsupportedModelError, -3: UnsupportedModelError, -4: InvalidParamsError}
+
+
+def _check(status: int, where: str) -> int:
+    if status < 0:
+        nat = native()
+        cls = _ERRORS.get(status, NativeCallError)
+        raise cls(f"{where}: {nat.status_str(status)} (status {status}); llama.cpp's log names the bad value")
+    return status
+
+
+def default_config() -> L2KVConfig:
+    """The C library's defaults (llama_l2kv_default_params) as an L2KVConfig."""
+    p = native().lib.llama_l2kv_default_params()
+    skip = None if p.n_skip_layers == -1 else ()
+    return L2KVConfig(
+        kv_budget=p.kv_budget,
+        n_sink=p.n_sink,
+        n_recent=p.n_recent,
+        policy=p.policy,
+        per_head=bool(p.per_head),
+        seed=p.seed,
+        skip_layers=skip,
+    )
+
+
+def enable(ctx: Any, config: L2KVConfig) -> None:
+    nat = native()
+    params, _keep = config.to_c(nat.ffi)
+    _check(nat.lib.llama_l2kv_enable(nat.ctx_ptr(ctx), params), "llama_l2kv_enable")
+
+
+def disable(ctx: Any) -> None:
+    nat = native()
+    _check(nat.lib.llama_l2kv_disable(nat.ctx_ptr(ctx)), "llama_l2kv_disable")
+
+
+def stats(ctx: Any) -> L2KVStats:
+    nat = native()
+    out = nat.ffi.new("struct llama_l2kv_stats *")
+    _check(nat.lib.llama_l2kv_get_stats(nat.ctx_ptr(ctx), out), "llama_l2kv_get_stats")
+    return L2KVStats(**{f: getattr(out, f) for f in L2KVStats.__dataclass_fields__})
+
+
+def evict_now(ctx: Any) -> None:
+    nat = native()
+    _check(nat.lib.llama_l2kv_evict_now(nat.ctx_ptr(ctx)), "llama_l2kv_evict_now")
+
+
+def read_layer(ctx: Any, il: int) -> tuple[np.ndarray, np.ndarray]:
+    """(norms, positions) of model layer il, both shaped [cell, kv head]; empty cells have position -1."""
+    nat = native()
+    c = nat.ctx_ptr(ctx)
+    n_head = _check(nat.lib.llama_l2kv_n_head_kv(c, il), f"llama_l2kv_n_head_kv(layer {il})")
+    n_max = stats(ctx).kv_size
+    norms = np.zeros((n_max, n_head), dtype=np.float32)
+    pos = np.zeros((n_max, n_head), dtype=np.int32)
+    n = _check(
+        nat.lib.llama_l2kv_read_layer(
+            c, il, nat.ffi.from_buffer("float[]", norms), nat.ffi.from_buffer("int32_t[]", pos), n_max
+        ),
+        f"llama_l2kv_read_layer(layer {il})",
+    )
+    return norms[:n].copy(), pos[:n].copy()

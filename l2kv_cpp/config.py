@@ -1,0 +1,87 @@
+"""Eviction settings: one frozen dataclass, the Python view of `struct llama_l2kv_params`.
+
+The defaults come from the C library (`llama_l2kv_default_params()`); a test pins them to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from .errors import InvalidParamsError
+
+
+class Policy(IntEnum):
+    """Which entries survive an eviction (enum llama_l2kv_policy)."""
+
+    KEEP_LOW_NORM = 0  # the paper's rule: keep the lowest key norms
+    KEEP_HIGH_NORM = 1  # the paper's negative control
+    RANDOM = 2  # seeded; depends only on (seed, layer, head, position)
+    WINDOW = 3  # sinks + most recent tokens (StreamingLLM)
+
+    @classmethod
+    def parse(cls, value: str | int | Policy) -> Policy:
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, int):
+            return cls(value)
+        name = value.strip().upper().replace("-", "_")
+        aliases = {"L2": "KEEP_LOW_NORM", "LOW": "KEEP_LOW_NORM", "HIGH": "KEEP_HIGH_NORM", "STREAMING": "WINDOW"}
+        try:
+            return cls[aliases.get(name, name)]
+        except KeyError:
+            choices = ", ".join(p.name.lower().replace("_", "-") for p in cls)
+            raise InvalidParamsError(f"policy {value!r} is not one of: {choices}") from None
+
+
+@dataclass(frozen=True)
+class L2KVConfig:
+    kv_budget: int = 4096  # entries kept per layer and KV head after an eviction
+    n_sink: int = 4  # first tokens never evicted
+    n_recent: int = 32  # newest tokens never evicted
+    policy: Policy = Policy.KEEP_LOW_NORM
+    per_head: bool = True  # False: one choice per layer, by the sum of the heads' key norms
+    seed: int = 0  # for Policy.RANDOM
+    skip_layers: tuple[int, ...] | None = None  # None: the paper's (0, 1); (): skip none
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "policy", Policy.parse(self.policy))
+        if self.kv_budget < 1:
+            raise InvalidParamsError(f"kv_budget must be >= 1 (got {self.kv_budget})")
+        if self.n_sink < 0 or self.n_recent < 0:
+            raise InvalidParamsError(f"n_sink and n_recent must be >= 0 (got {self.n_sink}, {self.n_recent})")
+        if self.n_sink + self.n_recent >= self.kv_budget:
+            raise InvalidParamsError(
+                f"n_sink + n_recent must be < kv_budget (got {self.n_sink} + {self.n_recent} >= {self.kv_budget})"
+            )
+        if not 0 <= self.seed < 2**64:
+            raise InvalidParamsError(f"seed must fit in 64 bits (got {self.seed})")
+        if self.skip_layers is not None:
+            layers = tuple(int(i) for i in self.skip_layers)
+            if any(i < 0 for i in layers):
+                raise InvalidParamsError(f"skip_layers must be >= 0 (got {layers})")
+            object.__setattr__(self, "skip_layers", layers)
+
+    @property
+    def effective_skip_layers(self) -> tuple[int, ...]:
+        return (0, 1) if self.skip_layers is None else self.skip_layers
+
+    def to_c(self, ffi: Any) -> tuple[Any, Any]:
+        """A `struct llama_l2kv_params *` and the array it points to (keep both alive during the call)."""
+        params = ffi.new("struct llama_l2kv_params *")
+        params.kv_budget = self.kv_budget
+        params.n_sink = self.n_sink
+        params.n_recent = self.n_recent
+        params.policy = int(self.policy)
+        params.per_head = self.per_head
+        params.seed = self.seed
+        skip = ffi.NULL
+        if self.skip_layers is None:
+            params.n_skip_layers = -1
+        else:
+            params.n_skip_layers = len(self.skip_layers)
+            if self.skip_layers:
+                skip = ffi.new("int32_t[]", list(self.skip_layers))
+        params.skip_layers = skip
+        return params, skip

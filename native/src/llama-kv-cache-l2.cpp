@@ -1,0 +1,628 @@
+// llama-kv-cache-l2.cpp - L2-norm KV eviction for llama_kv_cache (see llama-kv-cache-l2.h)
+//
+// Devoto et al., "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression",
+// EMNLP 2024 (arXiv:2406.11430). The patch series (patches/ in l2kv-cpp) only adds the hooks
+// that call into this file from llama-kv-cache.{h,cpp}, llama-graph.cpp and llama-kv-cache-iswa.cpp.
+
+#include "llama-kv-cache-l2.h"
+
+#include "llama-context.h"
+#include "llama-graph.h"
+#include "llama-impl.h"
+#include "llama-kv-cache.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <numeric>
+#include <stdexcept>
+
+//
+// selection rule
+//
+
+std::vector<uint32_t> llama_l2kv_select(
+        const std::vector<int32_t> & pos,
+        const std::vector<float>   & score,
+        uint32_t n_keep,
+        uint32_t n_sink,
+        uint32_t n_recent,
+        int32_t  pos_last) {
+    GGML_ASSERT(pos.size() == score.size());
+
+    const uint32_t n = pos.size();
+
+    std::vector<uint32_t> idx(n);
+    std::iota(idx.begin(), idx.end(), 0);
+
+    auto is_protected = [&](uint32_t i) {
+        return pos[i] < (int64_t) n_sink || (int64_t) pos[i] > (int64_t) pos_last - (int64_t) n_recent;
+    };
+
+    // NaN would break the strict weak ordering: rank it last
+    auto key = [&](uint32_t i) {
+        return std::isnan(score[i]) ? std::numeric_limits<float>::infinity() : score[i];
+    };
+
+    auto better = [&](uint32_t a, uint32_t b) {
+        const bool pa = is_protected(a);
+        const bool pb = is_protected(b);
+        if (pa != pb) {
+            return pa;
+        }
+        const float ka = key(a);
+        const float kb = key(b);
+        if (ka != kb) {
+            return ka < kb;
+        }
+        return pos[a] > pos[b]; // ties: keep the newer entry
+    };
+
+    const uint32_t k = std::min(n_keep, n);
+    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), better);
+    idx.resize(k);
+
+    return idx;
+}
+
+static uint64_t llama_l2kv_splitmix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+float llama_l2kv_random_score(uint64_t seed, int32_t il, int32_t head, int32_t pos) {
+    uint64_t h = llama_l2kv_splitmix64(seed);
+    h = llama_l2kv_splitmix64(h ^ (uint64_t) (uint32_t) il);
+    h = llama_l2kv_splitmix64(h ^ (uint64_t) (uint32_t) head);
+    h = llama_l2kv_splitmix64(h ^ (uint64_t) (uint32_t) pos);
+    return (float) (h >> 40) / 16777216.0f; // 24 random bits in [0, 1)
+}
+
+//
+// graph input: the row indices of one compaction
+//
+
+class llm_graph_input_l2_moves : public llm_graph_input_i {
+public:
+    void set_input(const llama_ubatch * ubatch) override {
+        GGML_UNUSED(ubatch);
+        for (const auto & [t, v] : src) {
+            ggml_backend_tensor_set(t, v.data(), 0, v.size()*sizeof(int32_t));
+        }
+        for (const auto & [t, v] : dst) {
+            ggml_backend_tensor_set(t, v.data(), 0, v.size()*sizeof(int64_t));
+        }
+    }
+
+    std::vector<std::pair<ggml_tensor *, std::vector<int32_t>>> src;
+    std::vector<std::pair<ggml_tensor *, std::vector<int64_t>>> dst;
+};
+
+//
+// update context: runs an eviction (or only resets the graphs) inside llama_context::memory_update
+//
+
+class llama_kv_cache_l2_context : public llama_memory_context_i {
+public:
+    llama_kv_cache_l2_context(llama_kv_cache_l2 * l2, llama_context * lctx, bool do_evict) :
+        l2(l2), lctx(lctx), do_evict(do_evict) {}
+
+    bool next() override {
+        return false;
+    }
+
+    bool apply() override {
+        l2->pending_reset = false;
+        l2->pending_evict = false;
+        return do_evict ? l2->evict(lctx) : true;
+    }
+
+    const llama_ubatch & get_ubatch() const override {
+        GGML_ABORT("an l2kv update context has no ubatch");
+    }
+
+    llama_memory_status get_status() const override {
+        return LLAMA_MEMORY_STATUS_SUCCESS;
+    }
+
+private:
+    llama_kv_cache_l2 * l2;
+    llama_context     * lctx;
+    bool do_evict;
+};
+
+//
+// llama_kv_cache_l2
+//
+
+llama_kv_cache_l2::llama_kv_cache_l2(llama_kv_cache & kv, const llama_l2kv_params & params, std::vector<int32_t> skip_layers) :
+    kv(kv), params(params), skip_layers(std::move(skip_layers)) {
+    this->params.n_skip_layers = (int32_t) this->skip_layers.size();
+    this->params.skip_layers   = this->skip_layers.empty() ? nullptr : this->skip_layers.data();
+}
+
+llama_kv_cache_l2 * llama_kv_cache_l2::get(const llama_kv_cache & kv) {
+    return kv.l2.get();
+}
+
+void llama_kv_cache_l2::attach(llama_kv_cache & kv, std::shared_ptr<llama_kv_cache_l2> l2) {
+    kv.l2 = std::move(l2);
+}
+
+uint32_t llama_kv_cache_l2::n_layer() const {
+    return kv.layers.size();
+}
+
+int32_t llama_kv_cache_l2::layer_il(uint32_t ikv) const {
+    return kv.layers[ikv].il;
+}
+
+int32_t llama_kv_cache_l2::layer_ikv(int32_t il) const {
+    const auto it = kv.map_layer_ids.find(il);
+    return it == kv.map_layer_ids.end() ? -1 : it->second;
+}
+
+uint32_t llama_kv_cache_l2::n_head_kv(uint32_t ikv) const {
+    return kv.hparams.n_head_kv(kv.layers[ikv].il);
+}
+
+uint32_t llama_kv_cache_l2::n_group(uint32_t ikv) const {
+    return params.per_head ? n_head_kv(ikv) : 1;
+}
+
+const llama_kv_cells & llama_kv_cache_l2::cells() const {
+    return kv.v_cells[0];
+}
+
+size_t llama_kv_cache_l2::norm_bytes() const {
+    size_t res = 0;
+    for (const auto * t : kn) {
+        res += ggml_nbytes(t);
+    }
+    return res;
+}
+
+size_t llama_kv_cache_l2::kv_bytes() const {
+    return kv.total_size();
+}
+
+int32_t llama_kv_cache_l2::init() {
+    const auto & hparams = kv.hparams;
+
+    if (kv.other) {
+        LLAMA_LOG_ERROR("%s: the KV cache shares its cells with another cache; not supported\n", __func__);
+        return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
+    }
+    if (kv.layers.empty()) {
+        LLAMA_LOG_ERROR("%s: the KV cache has no layers\n", __func__);
+        return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
+    }
+    if (kv.n_stream != 1 || kv.n_seq_max != 1) {
+        LLAMA_LOG_ERROR("%s: several sequences (n_seq_max = %u, streams = %u); eviction needs n_seq_max = 1\n", __func__, kv.n_seq_max, kv.n_stream);
+        return LLAMA_L2KV_STATUS_UNSUPPORTED_CONFIG;
+    }
+    if (kv.v_trans) {
+        LLAMA_LOG_ERROR("%s: flash attention is off (the V cache is transposed); enable flash attention\n", __func__);
+        return LLAMA_L2KV_STATUS_UNSUPPORTED_CONFIG;
+    }
+    if (hparams.is_mla()) {
+        LLAMA_LOG_ERROR("%s: multi-head latent attention (MLA) caches are not supported\n", __func__);
+        return LLAMA_L2KV_STATUS_UNSUPPORTED_CONFIG;
+    }
+    if (hparams.use_alibi) {
+        LLAMA_LOG_ERROR("%s: ALiBi models are not supported (their mask depends on cell positions)\n", __func__);
+        return LLAMA_L2KV_STATUS_UNSUPPORTED_CONFIG;
+    }
+    if (hparams.n_pos_per_embd() > 1) {
+        LLAMA_LOG_ERROR("%s: multi-dimensional positions (M-RoPE, %u per token) are not supported\n", __func__, hparams.n_pos_per_embd());
+        return LLAMA_L2KV_STATUS_UNSUPPORTED_CONFIG;
+    }
+    if (kv.has_cell_ext()) {
+        LLAMA_LOG_ERROR("%s: caches with per-cell extra data are not supported\n", __func__);
+        return LLAMA_L2KV_STATUS_UNSUPPORTED_CONFIG;
+    }
+    if (kv.map_layer_ids.size() != kv.layers.size()) {
+        LLAMA_LOG_ERROR("%s: caches whose layers reuse other layers' K/V are not supported\n", __func__);
+        return LLAMA_L2KV_STATUS_UNSUPPORTED_CONFIG;
+    }
+    if (params.per_head == false && params.policy == LLAMA_L2KV_POLICY_RANDOM) {
+        // fine: one random choice per layer
+    }
+
+    const uint32_t n_layer = kv.layers.size();
+    const uint32_t kv_size = kv.get_size();
+
+    skip.assign(n_layer, false);
+    for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
+        skip[ikv] = std::find(skip_layers.begin(), skip_layers.end(), (int32_t) kv.layers[ikv].il) != skip_layers.end();
+    }
+
+    // rows of one (cell, group) must be a whole number of blocks and of 4-byte words, so that they can be
+    // moved as F32 rows without touching the bytes
+    for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
+        const auto & layer = kv.layers[ikv];
+        const uint32_t il = layer.il;
+        const uint32_t g  = n_group(ikv);
+
+        if (layer.k == nullptr || layer.v == nullptr || layer.k->data == nullptr || layer.v->data == nullptr) {
+            LLAMA_LOG_ERROR("%s: layer %u has no allocated K/V tensors\n", __func__, il);
+            return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
+        }
+        for (const auto * t : { layer.k, layer.v }) {
+            const int64_t n_embd_head = t == layer.k ? hparams.n_embd_head_k(il) : hparams.n_embd_head_v(il);
+            const size_t  row_bytes   = ggml_row_size(t->type, t->ne[0]) / g;
+            if ((params.per_head && n_embd_head % ggml_blck_size(t->type) != 0) || row_bytes % sizeof(float) != 0 ||
+                t->ne[0] != n_embd_head * (int64_t) hparams.n_head_kv(il)) {
+                LLAMA_LOG_ERROR("%s: layer %u: %s rows of type %s (%zu bytes per %s) cannot be moved bit-exactly; "
+                        "use another cache type or per-layer selection\n", __func__, il, t == layer.k ? "K" : "V",
+                        ggml_type_name(t->type), row_bytes, params.per_head ? "head" : "cell");
+                return LLAMA_L2KV_STATUS_UNSUPPORTED_CONFIG;
+            }
+        }
+    }
+
+    // norm tensors live in the buffer type of their layer's K, so the norm ops run where K is stored
+    std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_map;
+    std::vector<ggml_context_ptr> ctxs;
+    kn.assign(n_layer, nullptr);
+    for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
+        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(kv.layers[ikv].k->buffer);
+        auto it = ctx_map.find(buft);
+        if (it == ctx_map.end()) {
+            ggml_init_params ip = { size_t(n_layer)*ggml_tensor_overhead(), nullptr, true };
+            ggml_context * ctx = ggml_init(ip);
+            if (!ctx) {
+                return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
+            }
+            ctxs.emplace_back(ctx);
+            it = ctx_map.emplace(buft, ctx).first;
+        }
+        kn[ikv] = ggml_new_tensor_2d(it->second, GGML_TYPE_F32, n_head_kv(ikv), kv_size);
+        ggml_format_name(kn[ikv], "cache_kn_l%d", kv.layers[ikv].il);
+    }
+    for (auto & ctx : ctxs) {
+        ggml_backend_buffer_type_t buft = nullptr;
+        for (const auto & [b, c] : ctx_map) {
+            if (c == ctx.get()) {
+                buft = b;
+            }
+        }
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx.get(), buft);
+        if (!buf) {
+            LLAMA_LOG_ERROR("%s: failed to allocate the key norm buffer\n", __func__);
+            return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
+        }
+        ggml_backend_buffer_clear(buf, 0);
+        ctxs_bufs.emplace_back(std::move(ctx), buf);
+    }
+
+    // F32 aliases over the bytes of K, V and kn: row r = cell*n_group + group
+    {
+        ggml_init_params ip = { size_t(3*n_layer)*ggml_tensor_overhead(), nullptr, true };
+        ctx_alias.reset(ggml_init(ip));
+    }
+    auto make_alias = [&](ggml_tensor * t, uint32_t g) {
+        const int64_t n_rows = (int64_t) kv_size*g;
+        ggml_tensor * a = ggml_new_tensor_2d(ctx_alias.get(), GGML_TYPE_F32, ggml_nbytes(t)/sizeof(float)/n_rows, n_rows);
+        GGML_ASSERT(ggml_nbytes(a) == ggml_nbytes(t));
+        ggml_format_name(a, "%s_rows", t->name);
+        GGML_ASSERT(ggml_backend_tensor_alloc(t->buffer, a, t->data) == GGML_STATUS_SUCCESS);
+        return a;
+    };
+    k_rows.resize(n_layer);
+    v_rows.resize(n_layer);
+    kn_rows.resize(n_layer);
+    for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
+        const uint32_t g = n_group(ikv);
+        k_rows [ikv] = make_alias(kv.layers[ikv].k, g);
+        v_rows [ikv] = make_alias(kv.layers[ikv].v, g);
+        kn_rows[ikv] = make_alias(kn[ikv], g);
+    }
+
+    tpos.assign(n_layer, {});
+
+    return LLAMA_L2KV_STATUS_OK;
+}
+
+ggml_tensor * llama_kv_cache_l2::cpy_k_norm(ggml_context * ctx, ggml_tensor * k_cur, ggml_tensor * k_idxs, int32_t il) const {
+    if (detaching) {
+        return nullptr;
+    }
+    const int32_t ikv = layer_ikv(il);
+    if (ikv < 0) {
+        return nullptr;
+    }
+
+    const int64_t n_embd_head = k_cur->ne[0];
+    const int64_t n_head      = k_cur->ne[1];
+    const int64_t n_tokens    = k_cur->ne[2];
+
+    ggml_tensor * x = k_cur;
+    if (x->type != GGML_TYPE_F32) {
+        x = ggml_cast(ctx, x, GGML_TYPE_F32);
+    }
+    if (!ggml_is_contiguous(x)) { // the CUDA unary kernels need contiguous input
+        x = ggml_cont(ctx, x);
+    }
+    x = ggml_reshape_2d(ctx, x, n_embd_head, n_head*n_tokens);
+
+    // squared L2 norm of every head: RoPE and the Hadamard rotation of quantized caches are
+    // rotations, so this equals the norm of the key before them
+    ggml_tensor * sq = ggml_sum_rows(ctx, ggml_sqr(ctx, x)); // [1, n_head*n_tokens]
+    sq = ggml_reshape_2d(ctx, sq, n_head, n_tokens);
+
+    return ggml_set_rows(ctx, kn[ikv], sq, k_idxs);
+}
+
+llama_memory_context_ptr llama_kv_cache_l2::init_update(llama_context * lctx, bool optimize) {
+    const bool over     = cells().get_used() > params.kv_budget;
+    const bool do_evict = over && (optimize || pending_evict);
+
+    if (!do_evict && !pending_reset) {
+        pending_evict = false;
+        return nullptr;
+    }
+
+    return std::make_unique<llama_kv_cache_l2_context>(this, lctx, do_evict);
+}
+
+int32_t llama_kv_cache_l2::true_pos(uint32_t ikv, uint32_t cell, uint32_t head) const {
+    if (cell < n_comp) {
+        return tpos[ikv][(size_t) cell*n_head_kv(ikv) + head];
+    }
+    return cells().pos_get(cell);
+}
+
+bool llama_kv_cache_l2::evict(llama_context * lctx) {
+    const int64_t t_start_us = ggml_time_us();
+
+    auto & cells = kv.v_cells[0];
+
+    const uint32_t n_keep = params.kv_budget;
+
+    std::vector<uint32_t> used;
+    for (uint32_t c = 0; c < cells.size(); ++c) {
+        if (!cells.is_empty(c)) {
+            used.push_back(c);
+        }
+    }
+    if (used.size() <= n_keep) {
+        return true;
+    }
+
+    const uint32_t n_used  = used.size();
+    const uint32_t n_cells = cells.used_max_p1();
+    const int32_t pos_last = cells.seq_pos_max(0);
+
+    lctx->synchronize();
+
+    const uint32_t n_layer = kv.layers.size();
+
+    std::vector<std::vector<int32_t>> new_tpos(n_layer);
+    std::vector<std::vector<int32_t>> mv_src(n_layer);
+    std::vector<std::vector<int64_t>> mv_dst(n_layer);
+
+    std::vector<float>   norms;
+    std::vector<int32_t> pos(n_used);
+    std::vector<float>   score(n_used);
+    std::vector<uint8_t> kept(n_cells);
+
+    for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
+        const uint32_t il = kv.layers[ikv].il;
+        const uint32_t nh = n_head_kv(ikv);
+        const uint32_t ng = n_group(ikv);
+
+        const bool by_recency = skip[ikv] || params.policy == LLAMA_L2KV_POLICY_WINDOW;
+        const bool need_norms = !by_recency && params.policy != LLAMA_L2KV_POLICY_RANDOM;
+
+        if (need_norms) {
+            norms.resize((size_t) n_cells*nh);
+            ggml_backend_tensor_get(kn[ikv], norms.data(), 0, norms.size()*sizeof(float));
+        }
+
+        new_tpos[ikv].assign((size_t) n_keep*nh, -1);
+
+        for (uint32_t g = 0; g < ng; ++g) {
+            for (uint32_t i = 0; i < n_used; ++i) {
+                const uint32_t c = used[i];
+                pos[i] = true_pos(ikv, c, params.per_head ? g : 0);
+
+                float s = 0.0f;
+                if (by_recency) {
+                    s = -(float) pos[i];
+                } else if (params.policy == LLAMA_L2KV_POLICY_RANDOM) {
+                    s = llama_l2kv_random_score(params.seed, il, g, pos[i]);
+                } else {
+                    if (params.per_head) {
+                        s = norms[(size_t) c*nh + g];
+                    } else {
+                        for (uint32_t h = 0; h < nh; ++h) {
+                            s += std::sqrt(norms[(size_t) c*nh + h]);
+                        }
+                    }
+                    if (params.policy == LLAMA_L2KV_POLICY_KEEP_HIGH_NORM) {
+                        s = -s;
+                    }
+                }
+                score[i] = s;
+            }
+
+            const auto keep = llama_l2kv_select(pos, score, n_keep, params.n_sink, params.n_recent, pos_last);
+
+            std::fill(kept.begin(), kept.end(), 0);
+            for (uint32_t i : keep) {
+                kept[used[i]] = 1;
+            }
+
+            // kept entries below n_keep stay; the others fill the cells below n_keep that are free or evicted
+            std::vector<uint32_t> holes;
+            std::vector<uint32_t> movers;
+            for (uint32_t c = 0; c < n_cells; ++c) {
+                if (c < n_keep && !kept[c]) {
+                    holes.push_back(c);
+                } else if (c >= n_keep && kept[c]) {
+                    movers.push_back(c);
+                }
+            }
+            for (uint32_t c = n_cells; c < n_keep; ++c) {
+                holes.push_back(c);
+            }
+            GGML_ASSERT(holes.size() >= movers.size());
+
+            auto record = [&](uint32_t from, uint32_t to) {
+                for (uint32_t h = 0; h < nh; ++h) {
+                    if (params.per_head && h != g) {
+                        continue;
+                    }
+                    new_tpos[ikv][(size_t) to*nh + h] = true_pos(ikv, from, h);
+                }
+            };
+            for (uint32_t c = 0; c < std::min(n_cells, n_keep); ++c) {
+                if (kept[c]) {
+                    record(c, c);
+                }
+            }
+            for (size_t m = 0; m < movers.size(); ++m) {
+                record(movers[m], holes[m]);
+                mv_src[ikv].push_back((int32_t) (movers[m]*ng + g));
+                mv_dst[ikv].push_back((int64_t) holes[m]*ng + g);
+            }
+        }
+    }
+
+    // move the kept rows on the backend: rows[dst] = rows[src] for K, V and the norms
+    uint64_t n_moved = 0;
+    {
+        auto * sched = lctx->get_sched();
+        ggml_backend_sched_reset(sched);
+
+        auto * res = lctx->get_gf_res_reserve();
+        res->reset();
+
+        auto * ctx = res->get_ctx();
+        auto * gf  = res->get_gf();
+
+        auto inp = std::make_unique<llm_graph_input_l2_moves>();
+
+        for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
+            const int64_t n = mv_src[ikv].size();
+            if (n == 0) {
+                continue;
+            }
+            ggml_tensor * src = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+            ggml_tensor * dst = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
+            ggml_set_input(src);
+            ggml_set_input(dst);
+            inp->src.emplace_back(src, std::move(mv_src[ikv]));
+            inp->dst.emplace_back(dst, std::move(mv_dst[ikv]));
+
+            for (ggml_tensor * rows : { k_rows[ikv], v_rows[ikv], kn_rows[ikv] }) {
+                ggml_build_forward_expand(gf, ggml_set_rows(ctx, rows, ggml_get_rows(ctx, rows, src), dst));
+            }
+            n_moved += n;
+        }
+
+        if (n_moved > 0) {
+            res->add_input(std::move(inp));
+
+            if (!ggml_backend_sched_alloc_graph(sched, gf)) {
+                LLAMA_LOG_ERROR("%s: failed to allocate the compaction graph\n", __func__);
+                failed = true;
+                return false;
+            }
+            res->set_inputs(nullptr);
+            if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
+                LLAMA_LOG_ERROR("%s: failed to compute the compaction graph\n", __func__);
+                failed = true;
+                return false;
+            }
+        }
+    }
+
+    // cells [0, n_keep) now hold the kept entries of every (layer, head): give them virtual positions
+    // that end at the last position, so that they stay visible to every later token
+    for (uint32_t c : used) {
+        cells.rm(c);
+    }
+    for (uint32_t j = 0; j < n_keep; ++j) {
+        cells.pos_set(j, pos_last - (int32_t) n_keep + 1 + (int32_t) j);
+        cells.seq_add(j, 0);
+    }
+    kv.v_heads[0] = n_keep;
+
+    n_comp     = n_keep;
+    p_comp_max = pos_last;
+    tpos       = std::move(new_tpos);
+
+    n_evictions  += 1;
+    n_dropped    += n_used - n_keep;
+    n_moved_rows += n_moved;
+    t_evict_us   += ggml_time_us() - t_start_us;
+
+    LLAMA_LOG_DEBUG("%s: kept %u of %u entries per layer and head, moved %llu rows in %.2f ms\n", __func__,
+            n_keep, n_used, (unsigned long long) n_moved, (ggml_time_us() - t_start_us)/1000.0);
+
+    return true;
+}
+
+bool llama_kv_cache_l2::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    GGML_UNUSED(seq_id);
+
+    if (n_comp == 0) {
+        return true; // nothing compacted: the cells hold true positions
+    }
+    if (p0 < 0) {
+        p0 = 0;
+    }
+    if (p1 < 0) {
+        p1 = std::numeric_limits<llama_pos>::max();
+    }
+    if (p0 > p_comp_max) {
+        return true; // only entries added after the last compaction
+    }
+    const llama_pos p_min = cells().seq_pos_min(0);
+    if (p0 <= p_min && p1 == std::numeric_limits<llama_pos>::max()) {
+        on_clear(); // everything goes
+        return true;
+    }
+    LLAMA_LOG_WARN("%s: cannot remove positions [%d, %d) after an eviction: entries up to position %d were compacted; "
+            "only positions > %d or the whole sequence can be removed\n", __func__, p0, p1, p_comp_max, p_comp_max);
+    return false;
+}
+
+bool llama_kv_cache_l2::shift_allowed() const {
+    LLAMA_LOG_ERROR("%s: position shifts (context shift, seq_add/seq_div) are refused while L2 eviction is enabled\n", __func__);
+    return false;
+}
+
+void llama_kv_cache_l2::on_clear() {
+    n_comp     = 0;
+    p_comp_max = -1;
+    for (auto & t : tpos) {
+        t.clear();
+    }
+}
+
+void llama_kv_cache_l2::check_state_write() const {
+    if (n_comp > 0) {
+        throw std::runtime_error("l2kv: saving the state of an evicted KV cache is not supported (compacted entries "
+                "have virtual positions); save before the first eviction or clear the cache");
+    }
+}
+
+[[noreturn]] void llama_kv_cache_l2::check_state_read() const {
+    throw std::runtime_error("l2kv: loading a state into a context with L2 eviction enabled is not supported "
+            "(no key norms in the state); load it with eviction disabled");
+}
+
+//
+// llama_kv_cache_context hook (declared in llama-kv-cache.h by the patch series)
+//
+
+ggml_tensor * llama_kv_cache_context::cpy_k_norm(ggml_context * ctx, ggml_tensor * k_cur, ggml_tensor * k_idxs, int32_t il) const {
+    const auto * l2 = llama_kv_cache_l2::get(*kv);
+    return l2 ? l2->cpy_k_norm(ctx, k_cur, k_idxs, il) : nullptr;
+}

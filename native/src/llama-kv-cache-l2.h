@@ -1,0 +1,134 @@
+// llama-kv-cache-l2.h - L2-norm eviction state of one llama_kv_cache (internal to libllama)
+//
+// Devoto et al., "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression",
+// EMNLP 2024 (arXiv:2406.11430): keys with a low L2 norm draw high attention, so past a budget
+// every (layer, KV head) keeps its lowest-norm keys.
+//
+// How it works in this llama.cpp (design notes in the l2kv-cpp repository, docs/design.md):
+// - key norms: when K is stored, the graph also stores sum(k^2) per KV head into an F32 tensor
+//   kn[n_head_kv, kv_size] per layer, with the same cell indices as K (cpy_k_norm);
+// - eviction: when a batch finds no free cells, llama_context::decode asks the memory for an
+//   update (memory_update(true)); llama_kv_cache::init_update then returns our update context,
+//   which ranks the entries of every (layer, head) on the host and moves the kept K/V/norm rows
+//   into cells [0, T) with one get_rows/set_rows pair per tensor on the backend;
+// - every layer keeps the same number T of entries, so the shared cell metadata stays valid:
+//   cells [0, T) get virtual positions ending at the last position (all visible to later tokens,
+//   whose RoPE positions keep increasing); the true position of every (layer, cell, head) lives
+//   in a host table.
+
+#pragma once
+
+#include "llama-l2kv.h"
+
+#include "llama-memory.h"
+
+#include "ggml-backend.h"
+#include "ggml-cpp.h"
+
+#include <cstdint>
+#include <memory>
+#include <utility>
+#include <vector>
+
+class llama_kv_cache;
+class llama_kv_cells;
+struct llama_context;
+struct ggml_context;
+struct ggml_tensor;
+
+// the selection rule, shared by the eviction and by tests: returns the cells to keep, in order of
+// preference, for one (layer, head) group
+//   pos   [n] true positions of the candidate entries
+//   score [n] the policy's score (lower = more worth keeping), e.g. the key norm
+//   protected entries (first n_sink positions, n_recent newest) come first, then ascending score,
+//   ties broken by the newer position
+std::vector<uint32_t> llama_l2kv_select(
+        const std::vector<int32_t> & pos,
+        const std::vector<float>   & score,
+        uint32_t n_keep,
+        uint32_t n_sink,
+        uint32_t n_recent,
+        int32_t  pos_last);
+
+// deterministic pseudo-random score of the RANDOM policy (splitmix64 of seed, layer, head, position)
+float llama_l2kv_random_score(uint64_t seed, int32_t il, int32_t head, int32_t pos);
+
+struct llama_kv_cache_l2 {
+    llama_kv_cache_l2(llama_kv_cache & kv, const llama_l2kv_params & params, std::vector<int32_t> skip_layers);
+
+    llama_kv_cache & kv;
+
+    llama_l2kv_params    params;
+    std::vector<int32_t> skip_layers; // model layer ids (params.skip_layers points here)
+    std::vector<bool>    skip;        // [ikv] the layer keeps sinks + recent entries
+
+    // per cache layer: squared key norms, F32 [n_head_kv, kv_size]
+    std::vector<ggml_tensor *> kn;
+
+    // per cache layer: F32 aliases of the K, V and kn bytes, one row per (cell, group), used to move
+    // rows bit-exactly whatever the cache type
+    std::vector<ggml_tensor *> k_rows;
+    std::vector<ggml_tensor *> v_rows;
+    std::vector<ggml_tensor *> kn_rows;
+
+    std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> ctxs_bufs;
+    ggml_context_ptr ctx_alias;
+
+    // true positions of the compacted cells: tpos[ikv][cell*n_group + group], cells [0, n_comp)
+    std::vector<std::vector<int32_t>> tpos;
+
+    uint32_t n_comp     = 0;  // cells [0, n_comp) hold compacted entries (virtual positions)
+    int32_t  p_comp_max = -1; // last true position at the last compaction
+
+    bool pending_reset = true;  // graphs built before enabling must not be reused
+    bool pending_evict = false; // llama_l2kv_evict_now() asked for an eviction
+
+    // counters
+    uint64_t n_evictions  = 0;
+    uint64_t n_dropped    = 0;
+    uint64_t n_moved_rows = 0;
+    int64_t  t_evict_us   = 0;
+
+    // access to the state of a cache (this struct is a friend of llama_kv_cache)
+    static llama_kv_cache_l2 * get(const llama_kv_cache & kv);
+    static void attach(llama_kv_cache & kv, std::shared_ptr<llama_kv_cache_l2> l2);
+
+    bool detaching = false; // being disabled: build graphs without the norm nodes
+    bool failed    = false; // the last compaction failed on the backend
+
+    uint32_t n_layer() const;                 // cache layers
+    int32_t  layer_il (uint32_t ikv) const;   // cache layer -> model layer
+    int32_t  layer_ikv(int32_t il) const;     // model layer -> cache layer, -1 if not in this cache
+    uint32_t n_head_kv(uint32_t ikv) const;
+    uint32_t n_group  (uint32_t ikv) const;   // rows per cell in the alias tensors: n_head_kv or 1
+    const llama_kv_cells & cells() const;
+
+    // check that the cache can be served and allocate the norm buffers; returns a status
+    int32_t init();
+
+    size_t norm_bytes() const;
+    size_t kv_bytes() const;
+
+    // graph hook: store the squared norms of k_cur [n_embd_head_k, n_head_kv, n_tokens] (nullptr when
+    // the layer is not under eviction)
+    ggml_tensor * cpy_k_norm(ggml_context * ctx, ggml_tensor * k_cur, ggml_tensor * k_idxs, int32_t il) const;
+
+    // memory-update hook: an update context when an eviction (or a graph reset) is due, else nullptr
+    llama_memory_context_ptr init_update(llama_context * lctx, bool optimize);
+
+    // evict down to params.kv_budget entries per (layer, group); returns false on a backend failure
+    bool evict(llama_context * lctx);
+
+    // true position of the entry in (cache layer ikv, cell, kv head)
+    int32_t true_pos(uint32_t ikv, uint32_t cell, uint32_t head) const;
+
+    // seq_rm hook: false refuses a removal that cannot be honoured after a compaction
+    bool seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+
+    // seq_add / seq_div hook: always refused while enabled (logs why)
+    bool shift_allowed() const;
+
+    void on_clear();
+    void check_state_write() const; // throws after a compaction
+    [[noreturn]] void check_state_read() const; // throws
+};
