@@ -100,3 +100,43 @@ def read_layer(ctx: Any, il: int) -> tuple[np.ndarray, np.ndarray]:
         f"llama_l2kv_read_layer(layer {il})",
     )
     return norms[:n].copy(), pos[:n].copy()
+
+
+def read_kv(ctx: Any, il: int, kind: str, cell0: int, n_cells: int) -> np.ndarray:
+    """Raw K ("k") or V ("v") bytes of model layer il for cells [cell0, cell0 + n_cells): uint8 [cell, row bytes]."""
+    nat = native()
+    c = nat.ctx_ptr(ctx)
+    k = {"k": 0, "v": 1}[kind]
+    probe = np.zeros(1, dtype=np.uint8)
+    row = nat.lib.llama_l2kv_read_kv(c, il, k, 0, 0, nat.ffi.from_buffer(probe), probe.nbytes)
+    _check(int(row), f"llama_l2kv_read_kv(layer {il})")
+    out = np.zeros((n_cells, row), dtype=np.uint8)
+    _check(
+        int(nat.lib.llama_l2kv_read_kv(c, il, k, cell0, n_cells, nat.ffi.from_buffer(out), out.nbytes)),
+        f"llama_l2kv_read_kv(layer {il})",
+    )
+    return out
+
+
+def native_select(
+    pos: np.ndarray, score: np.ndarray, n_keep: int, n_sink: int, n_recent: int, pos_last: int
+) -> np.ndarray:
+    """The native selection rule (llama_l2kv_select) on given data: indices kept, best first."""
+    nat = native()
+    pos = np.ascontiguousarray(pos, dtype=np.int32)
+    score = np.ascontiguousarray(score, dtype=np.float32)
+    out = np.zeros(max(len(pos), 1), dtype=np.int32)
+    n = _check(
+        nat.lib.llama_l2kv_select(
+            nat.ffi.from_buffer("int32_t[]", pos),
+            nat.ffi.from_buffer("float[]", score),
+            len(pos),
+            n_keep,
+            n_sink,
+            n_recent,
+            pos_last,
+            nat.ffi.from_buffer("int32_t[]", out),
+        ),
+        "llama_l2kv_select",
+    )
+    return out[:n].copy()

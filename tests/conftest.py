@@ -42,3 +42,49 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def gemma_path() -> Path:
     return _known("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_hd64(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """head_dim 64: quantized cache rows per head are a whole number of 4-byte words (q4_0: 36 bytes)."""
+    from l2kv_cpp.tiny_model import TinyModelConfig, write_tiny_model
+
+    cfg = TinyModelConfig(n_layer=3, n_head=4, n_head_kv=2, head_dim=64, n_ff=128, seed=5)
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-hd64.gguf", cfg)
+
+
+def make_llm(
+    model: Path,
+    n_ctx: int = 256,
+    n_batch: int = 64,
+    flash_attn: bool = True,
+    type_k: int | None = None,
+    type_v: int | None = None,
+    **kwargs,
+):
+    """A llama_cpp.Llama with the settings eviction tests need (n_ubatch = n_batch, quiet)."""
+    from l2kv_cpp import _lib
+
+    llama_cpp = _lib.llama_cpp()
+    extra = {}
+    if type_k is not None:
+        extra["type_k"] = type_k
+    if type_v is not None:
+        extra["type_v"] = type_v
+    return llama_cpp.Llama(
+        model_path=str(model),
+        n_ctx=n_ctx,
+        n_batch=n_batch,
+        n_ubatch=n_batch,
+        flash_attn=flash_attn,
+        verbose=False,
+        seed=0,
+        **extra,
+        **kwargs,
+    )
+
+
+def random_tokens(n: int, seed: int = 0, low: int = 3, high: int = 300) -> list[int]:
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(low, high, size=n).tolist()

@@ -127,6 +127,35 @@ extern "C" {
     // evict down to kv_budget now if more entries are held (normally this happens when the cache is full)
     LLAMA_API int32_t llama_l2kv_evict_now(struct llama_context * ctx);
 
+    // copy the raw bytes of K (kind 0) or V (kind 1) of model layer il, cells [cell0, cell0 + n_cells), into dst
+    // layout: [cell][row bytes], exactly as stored (any cache type); works with eviction on or off
+    // returns the bytes per cell (>= 0) or a negative status (also when dst_size is too small)
+    LLAMA_API int64_t llama_l2kv_read_kv(
+            struct llama_context * ctx,
+                         int32_t   il,
+                         int32_t   kind,
+                         int32_t   cell0,
+                         int32_t   n_cells,
+                            void * dst,
+                          size_t   dst_size);
+
+    // the selection rule on its own (what every eviction runs per layer and head), for tests and tools:
+    // writes to out_idx the indices of the n_keep entries to keep, best first: protected entries
+    // (pos < n_sink or pos > pos_last - n_recent) first, then ascending score (NaN last), ties to the
+    // newer position; returns the number written
+    LLAMA_API int32_t llama_l2kv_select(
+            const int32_t * pos,
+              const float * score,
+                  int32_t   n,
+                  int32_t   n_keep,
+                  int32_t   n_sink,
+                  int32_t   n_recent,
+                  int32_t   pos_last,
+                  int32_t * out_idx);
+
+    // the score of LLAMA_L2KV_POLICY_RANDOM for one entry (lower is kept first)
+    LLAMA_API float llama_l2kv_random_score(uint64_t seed, int32_t il, int32_t head, int32_t pos);
+
 // L2KV_CDEF_END
 
 #ifdef __cplusplus

@@ -152,6 +152,15 @@ void llama_kv_cache_l2::attach(llama_kv_cache & kv, std::shared_ptr<llama_kv_cac
     kv.l2 = std::move(l2);
 }
 
+ggml_tensor * llama_kv_cache_l2::get_kv_tensor(const llama_kv_cache & kv, int32_t il, int32_t kind) {
+    const auto it = kv.map_layer_ids.find(il);
+    if (it == kv.map_layer_ids.end() || kv.n_stream != 1) {
+        return nullptr;
+    }
+    const auto & layer = kv.layers[it->second];
+    return kind == 0 ? layer.k : layer.v;
+}
+
 uint32_t llama_kv_cache_l2::n_layer() const {
     return kv.layers.size();
 }
@@ -436,8 +445,9 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
                 } else if (params.policy == LLAMA_L2KV_POLICY_RANDOM) {
                     s = llama_l2kv_random_score(params.seed, il, g, pos[i]);
                 } else {
+                    // the L2 norm itself (not its square), the value llama_l2kv_read_layer reports
                     if (params.per_head) {
-                        s = norms[(size_t) c*nh + g];
+                        s = std::sqrt(norms[(size_t) c*nh + g]);
                     } else {
                         for (uint32_t h = 0; h < nh; ++h) {
                             s += std::sqrt(norms[(size_t) c*nh + h]);

@@ -92,6 +92,7 @@ struct llama_kv_cache_l2 {
     // access to the state of a cache (this struct is a friend of llama_kv_cache)
     static llama_kv_cache_l2 * get(const llama_kv_cache & kv);
     static void attach(llama_kv_cache & kv, std::shared_ptr<llama_kv_cache_l2> l2);
+    static ggml_tensor * get_kv_tensor(const llama_kv_cache & kv, int32_t il, int32_t kind); // kind 0 = K, 1 = V
 
     bool detaching = false; // being disabled: build graphs without the norm nodes
     bool failed    = false; // the last compaction failed on the backend

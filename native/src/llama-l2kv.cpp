@@ -292,3 +292,40 @@ int32_t llama_l2kv_evict_now(struct llama_context * ctx) {
     ctx->memory_update(false);
     return l2->failed ? LLAMA_L2KV_STATUS_COMPUTE_FAILED : LLAMA_L2KV_STATUS_OK;
 }
+
+int64_t llama_l2kv_read_kv(struct llama_context * ctx, int32_t il, int32_t kind, int32_t cell0, int32_t n_cells, void * dst, size_t dst_size) {
+    if (ctx == nullptr || dst == nullptr || (kind != 0 && kind != 1) || cell0 < 0 || n_cells < 0) {
+        LLAMA_LOG_ERROR("%s: bad argument (kind %d, cell0 %d, n_cells %d)\n", __func__, kind, cell0, n_cells);
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    llama_kv_cache * kv = llama_l2kv_find_cache(ctx, __func__);
+    if (kv == nullptr) {
+        return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
+    }
+    ggml_tensor * t = llama_kv_cache_l2::get_kv_tensor(*kv, il, kind);
+    if (t == nullptr) {
+        LLAMA_LOG_ERROR("%s: layer %d has no %s tensor in this cache\n", __func__, il, kind == 0 ? "K" : "V");
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    const size_t row = t->nb[1];
+    if ((int64_t) cell0 + n_cells > t->ne[1] || dst_size < row*n_cells) {
+        LLAMA_LOG_ERROR("%s: cells [%d, %d) of %lld, or dst_size %zu < %zu\n", __func__, cell0, cell0 + n_cells,
+                (long long) t->ne[1], dst_size, row*n_cells);
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    ctx->synchronize();
+    ggml_backend_tensor_get(t, dst, row*cell0, row*n_cells);
+    return (int64_t) row;
+}
+
+int32_t llama_l2kv_select(const int32_t * pos, const float * score, int32_t n, int32_t n_keep, int32_t n_sink,
+        int32_t n_recent, int32_t pos_last, int32_t * out_idx) {
+    if (pos == nullptr || score == nullptr || out_idx == nullptr || n < 0 || n_keep < 0 || n_sink < 0 || n_recent < 0) {
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    const std::vector<int32_t> p(pos, pos + n);
+    const std::vector<float>   s(score, score + n);
+    const auto keep = llama_l2kv_select(p, s, n_keep, n_sink, n_recent, pos_last);
+    std::copy(keep.begin(), keep.end(), out_idx);
+    return (int32_t) keep.size();
+}

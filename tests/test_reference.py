@@ -1,0 +1,96 @@
+"""The native selection agrees with the numpy reference (l2kv_cpp.reference), synthetic and end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_llm, random_tokens
+
+from l2kv_cpp import cache, reference
+from l2kv_cpp._ffi import native
+from l2kv_cpp.config import L2KVConfig, Policy
+from l2kv_cpp.decode import decode
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_select_matches_reference_with_ties_nans_and_protection(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(100):
+        n = int(rng.integers(0, 80))
+        pos = rng.permutation(400)[:n].astype(np.int32)
+        score = rng.integers(0, 4, size=n).astype(np.float32)  # many ties
+        score[rng.random(n) < 0.1] = np.nan
+        n_keep = int(rng.integers(0, 100))  # also >= n: everything is kept
+        n_sink, n_recent = int(rng.integers(0, 6)), int(rng.integers(0, 6))
+        pos_last = int(pos.max()) if n else 0
+        got = cache.native_select(pos, score, n_keep, n_sink, n_recent, pos_last)
+        want = reference.select(pos, score, n_keep, n_sink, n_recent, pos_last)
+        assert np.array_equal(got, want), f"n={n} keep={n_keep}: native {got[:8]} reference {want[:8]}"
+
+
+def test_select_keeps_protected_first_then_ties_to_newer():
+    pos = np.array([0, 1, 2, 3, 4, 5, 6, 7], dtype=np.int32)
+    score = np.array([9, 9, 1, 1, 1, 5, 9, 9], dtype=np.float32)
+    kept = cache.native_select(pos, score, 5, 1, 1, 7)
+    assert list(pos[kept]) == [7, 0, 4, 3, 2]  # sink 0 and newest 7 (newer first), then the ties, newest first
+
+
+def test_random_score_matches_reference():
+    nat = native()
+    for args in [(0, 0, 0, 0), (123, 5, 2, 77), (2**64 - 1, 29, 8, 100_000)]:
+        assert nat.lib.llama_l2kv_random_score(*args) == reference.random_score(*args)
+
+
+CONFIGS = [
+    L2KVConfig(kv_budget=96, n_sink=2, n_recent=8, skip_layers=()),
+    L2KVConfig(kv_budget=96, n_sink=0, n_recent=0, per_head=False, skip_layers=()),
+    L2KVConfig(kv_budget=96, n_sink=4, n_recent=4, policy=Policy.KEEP_HIGH_NORM),
+    L2KVConfig(kv_budget=96, n_sink=4, n_recent=4, policy=Policy.RANDOM, seed=7, skip_layers=(1,)),
+    L2KVConfig(kv_budget=96, n_sink=4, n_recent=4, policy=Policy.WINDOW),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.policy.name}-{'head' if c.per_head else 'layer'}")
+def test_native_eviction_keeps_what_the_reference_keeps(tiny_model, config):
+    """Twice: once on fresh cells (true positions), once after a compaction (positions from the host table)."""
+    llm = make_llm(tiny_model, n_ctx=256, n_batch=64)
+    try:
+        cache.enable(llm.ctx, config)
+        n_layer = int(llm.metadata["llama.block_count"])
+        pos0 = 0
+        for n_new in (200, 64):
+            decode(llm, random_tokens(n_new, seed=pos0), pos0)
+            pos0 += n_new
+            before = {il: cache.read_layer(llm.ctx, il) for il in range(n_layer)}
+            cache.evict_now(llm.ctx)
+            for il, (norms, pos) in before.items():
+                want = reference.kept_positions(config, il, norms, pos, pos_last=pos0 - 1)
+                _, pos_after = cache.read_layer(llm.ctx, il)
+                assert pos_after.shape[0] == config.kv_budget
+                for h, kept in enumerate(want):
+                    got = set(pos_after[:, h].tolist())
+                    assert got == kept, f"layer {il} head {h}: {len(got ^ kept)} positions differ"
+            st = cache.stats(llm.ctx)
+            assert st.n_cells_used == config.kv_budget and st.n_cells_compacted == config.kv_budget
+    finally:
+        llm.close()
+
+
+def test_heads_keep_different_tokens_and_norms_move_with_rows(tiny_model):
+    config = L2KVConfig(kv_budget=96, n_sink=0, n_recent=0, skip_layers=())
+    llm = make_llm(tiny_model)
+    try:
+        cache.enable(llm.ctx, config)
+        decode(llm, random_tokens(200), 0)
+        norms_before, pos_before = cache.read_layer(llm.ctx, 2)
+        cache.evict_now(llm.ctx)
+        norms_after, pos_after = cache.read_layer(llm.ctx, 2)
+        assert set(pos_after[:, 0].tolist()) != set(pos_after[:, 1].tolist())
+        for h in range(pos_after.shape[1]):
+            by_pos = dict(zip(pos_before[:, h].tolist(), norms_before[:, h].tolist()))
+            assert all(by_pos[p] == n for p, n in zip(pos_after[:, h].tolist(), norms_after[:, h].tolist()))
+            # keep-low-norm: every kept norm is <= every dropped norm
+            dropped = [n for p, n in by_pos.items() if p not in set(pos_after[:, h].tolist())]
+            assert norms_after[:, h].max() <= min(dropped)
+    finally:
+        llm.close()
