@@ -87,8 +87,10 @@ def test_heads_keep_different_tokens_and_norms_move_with_rows(tiny_model):
         norms_after, pos_after = cache.read_layer(llm.ctx, 2)
         assert set(pos_after[:, 0].tolist()) != set(pos_after[:, 1].tolist())
         for h in range(pos_after.shape[1]):
-            by_pos = dict(zip(pos_before[:, h].tolist(), norms_before[:, h].tolist()))
-            assert all(by_pos[p] == n for p, n in zip(pos_after[:, h].tolist(), norms_after[:, h].tolist()))
+            by_pos = dict(zip(pos_before[:, h].tolist(), norms_before[:, h].tolist(), strict=True))
+            assert all(
+                by_pos[p] == n for p, n in zip(pos_after[:, h].tolist(), norms_after[:, h].tolist(), strict=True)
+            )
             # keep-low-norm: every kept norm is <= every dropped norm
             dropped = [n for p, n in by_pos.items() if p not in set(pos_after[:, h].tolist())]
             assert norms_after[:, h].max() <= min(dropped)

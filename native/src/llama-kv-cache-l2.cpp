@@ -366,6 +366,14 @@ ggml_tensor * llama_kv_cache_l2::cpy_k_norm(ggml_context * ctx, ggml_tensor * k_
     return ggml_set_rows(ctx, kn[ikv], sq, k_idxs);
 }
 
+bool llama_kv_cache_l2::fits(const std::vector<llama_ubatch> & ubatches) const {
+    uint64_t n_tokens = 0;
+    for (const auto & ub : ubatches) {
+        n_tokens += ub.n_tokens;
+    }
+    return cells().get_used() + n_tokens <= (uint64_t) params.kv_budget + n_batch;
+}
+
 llama_memory_context_ptr llama_kv_cache_l2::init_update(llama_context * lctx, bool optimize) {
     const bool over     = cells().get_used() > params.kv_budget;
     const bool do_evict = over && (optimize || pending_evict);

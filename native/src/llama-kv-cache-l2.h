@@ -20,6 +20,7 @@
 
 #include "llama-l2kv.h"
 
+#include "llama-batch.h"
 #include "llama-memory.h"
 
 #include "ggml-backend.h"
@@ -59,6 +60,7 @@ struct llama_kv_cache_l2 {
     llama_kv_cache & kv;
 
     llama_l2kv_params    params;
+    uint32_t             n_batch = 0; // the context's n_batch: the cache evicts once kv_budget + n_batch cells are used
     std::vector<int32_t> skip_layers; // model layer ids (params.skip_layers points here)
     std::vector<bool>    skip;        // [ikv] the layer keeps sinks + recent entries
 
@@ -113,6 +115,9 @@ struct llama_kv_cache_l2 {
     // graph hook: store the squared norms of k_cur [n_embd_head_k, n_head_kv, n_tokens] (nullptr when
     // the layer is not under eviction)
     ggml_tensor * cpy_k_norm(ggml_context * ctx, ggml_tensor * k_cur, ggml_tensor * k_idxs, int32_t il) const;
+
+    // prepare hook: false when the ubatches would take the cache past kv_budget + n_batch entries
+    bool fits(const std::vector<llama_ubatch> & ubatches) const;
 
     // memory-update hook: an update context when an eviction (or a graph reset) is due, else nullptr
     llama_memory_context_ptr init_update(llama_context * lctx, bool optimize);

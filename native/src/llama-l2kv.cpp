@@ -150,6 +150,7 @@ int32_t llama_l2kv_enable(struct llama_context * ctx, const struct llama_l2kv_pa
     }
 
     auto l2 = std::make_shared<llama_kv_cache_l2>(*kv, *params, std::move(skip));
+    l2->n_batch = n_batch;
     const int32_t status = l2->init();
     if (status != LLAMA_L2KV_STATUS_OK) {
         return status;
