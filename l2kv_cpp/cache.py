@@ -43,7 +43,8 @@ def _check(status: int, where: str) -> int:
     if status < 0:
         nat = native()
         cls = _ERRORS.get(status, NativeCallError)
-        raise cls(f"{where}: {nat.status_str(status)} (status {status}); llama.cpp's log names the bad value")
+        detail = nat.ffi.string(nat.lib.llama_l2kv_last_error()).decode(errors="replace")
+        raise cls(f"{detail or where} ({nat.status_str(status)})")
     return status
 
 

@@ -21,7 +21,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define LLAMA_L2KV_ABI_VERSION 2
+#define LLAMA_L2KV_ABI_VERSION 3
 
 #ifdef __cplusplus
 extern "C" {
@@ -91,6 +91,10 @@ extern "C" {
 
     // short name of a status code, e.g. "invalid argument"; never NULL
     LLAMA_API const char * llama_l2kv_status_str(int32_t status);
+
+    // the last error an l2kv function of this thread logged, one line naming the bad value ("" if none)
+    // valid until the next l2kv call on the thread
+    LLAMA_API const char * llama_l2kv_last_error(void);
 
     // whether flash attention is enabled on the context after llama.cpp resolved
     // LLAMA_FLASH_ATTN_TYPE_AUTO (the value the graphs are built with)

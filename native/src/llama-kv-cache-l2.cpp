@@ -12,11 +12,40 @@
 #include "llama-kv-cache.h"
 
 #include <algorithm>
+#include <cstdarg>
+#include <string>
 #include <cmath>
 #include <limits>
 #include <map>
 #include <numeric>
 #include <stdexcept>
+
+//
+// errors
+//
+
+static thread_local std::string llama_l2kv_last_error_msg;
+
+void llama_l2kv_error(const char * fmt, ...) {
+    char buf[1024];
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, args);
+    va_end(args);
+    LLAMA_LOG_ERROR("%s", buf);
+    llama_l2kv_last_error_msg = buf;
+    while (!llama_l2kv_last_error_msg.empty() && llama_l2kv_last_error_msg.back() == '\n') {
+        llama_l2kv_last_error_msg.pop_back();
+    }
+}
+
+void llama_l2kv_clear_error() {
+    llama_l2kv_last_error_msg.clear();
+}
+
+const char * llama_l2kv_last_error(void) {
+    return llama_l2kv_last_error_msg.c_str();
+}
 
 //
 // selection rule
@@ -202,39 +231,39 @@ int32_t llama_kv_cache_l2::init() {
     const auto & hparams = kv.hparams;
 
     if (kv.other) {
-        LLAMA_LOG_ERROR("%s: the KV cache shares its cells with another cache; not supported\n", __func__);
+        llama_l2kv_error("%s: the KV cache shares its cells with another cache; not supported\n", __func__);
         return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
     }
     if (kv.layers.empty()) {
-        LLAMA_LOG_ERROR("%s: the KV cache has no layers\n", __func__);
+        llama_l2kv_error("%s: the KV cache has no layers\n", __func__);
         return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
     }
     if (kv.n_stream != 1 || kv.n_seq_max != 1) {
-        LLAMA_LOG_ERROR("%s: several sequences (n_seq_max = %u, streams = %u); eviction needs n_seq_max = 1\n", __func__, kv.n_seq_max, kv.n_stream);
+        llama_l2kv_error("%s: several sequences (n_seq_max = %u, streams = %u); eviction needs n_seq_max = 1\n", __func__, kv.n_seq_max, kv.n_stream);
         return LLAMA_L2KV_STATUS_UNSUPPORTED_CONFIG;
     }
     if (kv.v_trans) {
-        LLAMA_LOG_ERROR("%s: flash attention is off (the V cache is transposed); enable flash attention\n", __func__);
+        llama_l2kv_error("%s: flash attention is off (the V cache is transposed); enable flash attention\n", __func__);
         return LLAMA_L2KV_STATUS_UNSUPPORTED_CONFIG;
     }
     if (hparams.is_mla()) {
-        LLAMA_LOG_ERROR("%s: multi-head latent attention (MLA) caches are not supported\n", __func__);
+        llama_l2kv_error("%s: multi-head latent attention (MLA) caches are not supported\n", __func__);
         return LLAMA_L2KV_STATUS_UNSUPPORTED_CONFIG;
     }
     if (hparams.use_alibi) {
-        LLAMA_LOG_ERROR("%s: ALiBi models are not supported (their mask depends on cell positions)\n", __func__);
+        llama_l2kv_error("%s: ALiBi models are not supported (their mask depends on cell positions)\n", __func__);
         return LLAMA_L2KV_STATUS_UNSUPPORTED_CONFIG;
     }
     if (hparams.n_pos_per_embd() > 1) {
-        LLAMA_LOG_ERROR("%s: multi-dimensional positions (M-RoPE, %u per token) are not supported\n", __func__, hparams.n_pos_per_embd());
+        llama_l2kv_error("%s: multi-dimensional positions (M-RoPE, %u per token) are not supported\n", __func__, hparams.n_pos_per_embd());
         return LLAMA_L2KV_STATUS_UNSUPPORTED_CONFIG;
     }
     if (kv.has_cell_ext()) {
-        LLAMA_LOG_ERROR("%s: caches with per-cell extra data are not supported\n", __func__);
+        llama_l2kv_error("%s: caches with per-cell extra data are not supported\n", __func__);
         return LLAMA_L2KV_STATUS_UNSUPPORTED_CONFIG;
     }
     if (kv.map_layer_ids.size() != kv.layers.size()) {
-        LLAMA_LOG_ERROR("%s: caches whose layers reuse other layers' K/V are not supported\n", __func__);
+        llama_l2kv_error("%s: caches whose layers reuse other layers' K/V are not supported\n", __func__);
         return LLAMA_L2KV_STATUS_UNSUPPORTED_CONFIG;
     }
     if (params.per_head == false && params.policy == LLAMA_L2KV_POLICY_RANDOM) {
@@ -257,7 +286,7 @@ int32_t llama_kv_cache_l2::init() {
         const uint32_t g  = n_group(ikv);
 
         if (layer.k == nullptr || layer.v == nullptr || layer.k->data == nullptr || layer.v->data == nullptr) {
-            LLAMA_LOG_ERROR("%s: layer %u has no allocated K/V tensors\n", __func__, il);
+            llama_l2kv_error("%s: layer %u has no allocated K/V tensors\n", __func__, il);
             return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
         }
         for (const auto * t : { layer.k, layer.v }) {
@@ -265,7 +294,7 @@ int32_t llama_kv_cache_l2::init() {
             const size_t  row_bytes   = ggml_row_size(t->type, t->ne[0]) / g;
             if ((params.per_head && n_embd_head % ggml_blck_size(t->type) != 0) || row_bytes % sizeof(float) != 0 ||
                 t->ne[0] != n_embd_head * (int64_t) hparams.n_head_kv(il)) {
-                LLAMA_LOG_ERROR("%s: layer %u: %s rows of type %s (%zu bytes per %s) cannot be moved bit-exactly; "
+                llama_l2kv_error("%s: layer %u: %s rows of type %s (%zu bytes per %s) cannot be moved bit-exactly; "
                         "use another cache type or per-layer selection\n", __func__, il, t == layer.k ? "K" : "V",
                         ggml_type_name(t->type), row_bytes, params.per_head ? "head" : "cell");
                 return LLAMA_L2KV_STATUS_UNSUPPORTED_CONFIG;
@@ -301,7 +330,7 @@ int32_t llama_kv_cache_l2::init() {
         }
         ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx.get(), buft);
         if (!buf) {
-            LLAMA_LOG_ERROR("%s: failed to allocate the key norm buffer\n", __func__);
+            llama_l2kv_error("%s: failed to allocate the key norm buffer\n", __func__);
             return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
         }
         ggml_backend_buffer_clear(buf, 0);
@@ -547,13 +576,13 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
             res->add_input(std::move(inp));
 
             if (!ggml_backend_sched_alloc_graph(sched, gf)) {
-                LLAMA_LOG_ERROR("%s: failed to allocate the compaction graph\n", __func__);
+                llama_l2kv_error("%s: failed to allocate the compaction graph\n", __func__);
                 failed = true;
                 return false;
             }
             res->set_inputs(nullptr);
             if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
-                LLAMA_LOG_ERROR("%s: failed to compute the compaction graph\n", __func__);
+                llama_l2kv_error("%s: failed to compute the compaction graph\n", __func__);
                 failed = true;
                 return false;
             }
@@ -612,7 +641,7 @@ bool llama_kv_cache_l2::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) 
 }
 
 bool llama_kv_cache_l2::shift_allowed() const {
-    LLAMA_LOG_ERROR("%s: position shifts (context shift, seq_add/seq_div) are refused while L2 eviction is enabled\n", __func__);
+    llama_l2kv_error("%s: position shifts (context shift, seq_add/seq_div) are refused while L2 eviction is enabled\n", __func__);
     return false;
 }
 

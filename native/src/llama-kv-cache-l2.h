@@ -51,6 +51,10 @@ std::vector<uint32_t> llama_l2kv_select(
         uint32_t n_recent,
         int32_t  pos_last);
 
+// log an error through llama.cpp's log and keep it (without the trailing newline) for llama_l2kv_last_error()
+void llama_l2kv_error(const char * fmt, ...);
+void llama_l2kv_clear_error();
+
 // deterministic pseudo-random score of the RANDOM policy (splitmix64 of seed, layer, head, position)
 float llama_l2kv_random_score(uint64_t seed, int32_t il, int32_t head, int32_t pos);
 

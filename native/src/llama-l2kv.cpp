@@ -10,6 +10,7 @@
 #include "llama-kv-cache-iswa.h"
 #include "llama-kv-cache-l2.h"
 #include "llama-kv-cache.h"
+#include "llama-model.h"
 #include "llama-version.h"
 
 #include <algorithm>
@@ -48,8 +49,9 @@ const char * llama_l2kv_status_str(int32_t status) {
 }
 
 int32_t llama_l2kv_get_flash_attn(const struct llama_context * ctx, bool * out) {
+    llama_l2kv_clear_error();
     if (ctx == nullptr || out == nullptr) {
-        LLAMA_LOG_ERROR("%s: ctx (%p) and out (%p) must not be NULL\n", __func__, (const void *) ctx, (const void *) out);
+        llama_l2kv_error("%s: ctx (%p) and out (%p) must not be NULL\n", __func__, (const void *) ctx, (const void *) out);
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
     }
     *out = ctx->get_cparams().flash_attn;
@@ -60,7 +62,7 @@ int32_t llama_l2kv_get_flash_attn(const struct llama_context * ctx, bool * out) 
 static llama_kv_cache * llama_l2kv_find_cache(const llama_context * ctx, const char * func) {
     llama_memory_i * mem = ctx->get_memory();
     if (mem == nullptr) {
-        LLAMA_LOG_ERROR("%s: the context has no KV cache (e.g. an embedding-only context)\n", func);
+        llama_l2kv_error("%s: the context has no KV cache (e.g. an embedding-only context)\n", func);
         return nullptr;
     }
     if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
@@ -69,7 +71,7 @@ static llama_kv_cache * llama_l2kv_find_cache(const llama_context * ctx, const c
     if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
         return iswa->get_base();
     }
-    LLAMA_LOG_ERROR("%s: the context's memory is not a plain or sliding-window KV cache "
+    llama_l2kv_error("%s: the context's memory is not a plain or sliding-window KV cache "
             "(recurrent, hybrid and other caches are not supported)\n", func);
     return nullptr;
 }
@@ -89,8 +91,9 @@ struct llama_l2kv_params llama_l2kv_default_params(void) {
 }
 
 int32_t llama_l2kv_enable(struct llama_context * ctx, const struct llama_l2kv_params * params) {
+    llama_l2kv_clear_error();
     if (ctx == nullptr || params == nullptr) {
-        LLAMA_LOG_ERROR("%s: ctx and params must not be NULL\n", __func__);
+        llama_l2kv_error("%s: ctx and params must not be NULL\n", __func__);
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
     }
     llama_kv_cache * kv = llama_l2kv_find_cache(ctx, __func__);
@@ -98,11 +101,11 @@ int32_t llama_l2kv_enable(struct llama_context * ctx, const struct llama_l2kv_pa
         return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
     }
     if (llama_kv_cache_l2::get(*kv) != nullptr) {
-        LLAMA_LOG_ERROR("%s: eviction is already enabled on this context; disable it first\n", __func__);
+        llama_l2kv_error("%s: eviction is already enabled on this context; disable it first\n", __func__);
         return LLAMA_L2KV_STATUS_INVALID_STATE;
     }
     if (!ctx->get_cparams().flash_attn) {
-        LLAMA_LOG_ERROR("%s: flash attention is off; create the context with flash attention enabled\n", __func__);
+        llama_l2kv_error("%s: flash attention is off; create the context with flash attention enabled\n", __func__);
         return LLAMA_L2KV_STATUS_UNSUPPORTED_CONFIG;
     }
 
@@ -111,24 +114,24 @@ int32_t llama_l2kv_enable(struct llama_context * ctx, const struct llama_l2kv_pa
     const uint32_t n_batch = ctx->n_batch();
 
     if (params->kv_budget < 1) {
-        LLAMA_LOG_ERROR("%s: kv_budget (%u) must be >= 1\n", __func__, params->kv_budget);
+        llama_l2kv_error("%s: kv_budget (%u) must be >= 1\n", __func__, params->kv_budget);
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
     }
     if ((uint64_t) params->n_sink + params->n_recent >= params->kv_budget) {
-        LLAMA_LOG_ERROR("%s: n_sink (%u) + n_recent (%u) must be < kv_budget (%u)\n", __func__, params->n_sink, params->n_recent, params->kv_budget);
+        llama_l2kv_error("%s: n_sink (%u) + n_recent (%u) must be < kv_budget (%u)\n", __func__, params->n_sink, params->n_recent, params->kv_budget);
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
     }
     if ((uint64_t) params->kv_budget + n_batch > kv_size) {
-        LLAMA_LOG_ERROR("%s: kv_budget (%u) + n_batch (%u) exceeds the KV cache size (%u cells); "
+        llama_l2kv_error("%s: kv_budget (%u) + n_batch (%u) exceeds the KV cache size (%u cells); "
                 "create the context with n_ctx >= %u\n", __func__, params->kv_budget, n_batch, kv_size, params->kv_budget + n_batch);
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
     }
     if (params->policy < LLAMA_L2KV_POLICY_KEEP_LOW_NORM || params->policy > LLAMA_L2KV_POLICY_WINDOW) {
-        LLAMA_LOG_ERROR("%s: policy (%d) is not a llama_l2kv_policy\n", __func__, params->policy);
+        llama_l2kv_error("%s: policy (%d) is not a llama_l2kv_policy\n", __func__, params->policy);
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
     }
     if (params->n_skip_layers < -1 || (params->n_skip_layers > 0 && params->skip_layers == nullptr)) {
-        LLAMA_LOG_ERROR("%s: n_skip_layers (%d) must be -1, 0, or the length of skip_layers (not NULL)\n", __func__, params->n_skip_layers);
+        llama_l2kv_error("%s: n_skip_layers (%d) must be -1, 0, or the length of skip_layers (not NULL)\n", __func__, params->n_skip_layers);
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
     }
     std::vector<int32_t> skip;
@@ -139,12 +142,24 @@ int32_t llama_l2kv_enable(struct llama_context * ctx, const struct llama_l2kv_pa
     }
     for (int32_t il : skip) {
         if (il < 0 || (uint32_t) il >= n_layer) {
-            LLAMA_LOG_ERROR("%s: skip layer %d is out of range [0, %u)\n", __func__, il, n_layer);
+            llama_l2kv_error("%s: skip layer %d is out of range [0, %u)\n", __func__, il, n_layer);
+            return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+        }
+    }
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(ctx->get_memory())) {
+        // the sliding-window cache must hold its window plus a batch on its own; llama.cpp sizes it by
+        // min(n_ctx, n_swa + n_ubatch), and with eviction n_ctx can be smaller than that
+        const uint32_t n_swa   = ctx->get_model().hparams.n_swa;
+        const uint32_t need    = n_swa + ctx->n_ubatch();
+        const uint32_t swa_len = iswa->get_swa()->get_size();
+        if (swa_len < need) {
+            llama_l2kv_error("%s: the sliding-window cache has %u cells but needs n_swa (%u) + n_ubatch (%u) = %u; "
+                    "create the context with n_ctx >= %u\n", __func__, swa_len, n_swa, ctx->n_ubatch(), need, need);
             return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
         }
     }
     if (kv->get_cells(0).get_used() > 0) {
-        LLAMA_LOG_ERROR("%s: the KV cache already holds %u entries; enable eviction before the first decode "
+        llama_l2kv_error("%s: the KV cache already holds %u entries; enable eviction before the first decode "
                 "(or clear the memory first)\n", __func__, kv->get_cells(0).get_used());
         return LLAMA_L2KV_STATUS_INVALID_STATE;
     }
@@ -170,6 +185,7 @@ int32_t llama_l2kv_enable(struct llama_context * ctx, const struct llama_l2kv_pa
 }
 
 int32_t llama_l2kv_disable(struct llama_context * ctx) {
+    llama_l2kv_clear_error();
     if (ctx == nullptr) {
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
     }
@@ -191,6 +207,7 @@ int32_t llama_l2kv_disable(struct llama_context * ctx) {
 }
 
 int32_t llama_l2kv_get_stats(const struct llama_context * ctx, struct llama_l2kv_stats * out) {
+    llama_l2kv_clear_error();
     if (ctx == nullptr || out == nullptr) {
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
     }
@@ -227,12 +244,13 @@ static llama_kv_cache_l2 * llama_l2kv_get_enabled(const llama_context * ctx, con
     }
     llama_kv_cache_l2 * l2 = llama_kv_cache_l2::get(*kv);
     if (l2 == nullptr) {
-        LLAMA_LOG_ERROR("%s: L2 eviction is not enabled on this context\n", func);
+        llama_l2kv_error("%s: L2 eviction is not enabled on this context\n", func);
     }
     return l2;
 }
 
 int32_t llama_l2kv_n_head_kv(const struct llama_context * ctx, int32_t il) {
+    llama_l2kv_clear_error();
     if (ctx == nullptr) {
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
     }
@@ -242,13 +260,14 @@ int32_t llama_l2kv_n_head_kv(const struct llama_context * ctx, int32_t il) {
     }
     const int32_t ikv = l2->layer_ikv(il);
     if (ikv < 0) {
-        LLAMA_LOG_ERROR("%s: layer %d is not in the budgeted cache (out of range or sliding-window)\n", __func__, il);
+        llama_l2kv_error("%s: layer %d is not in the budgeted cache (out of range or sliding-window)\n", __func__, il);
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
     }
     return (int32_t) l2->n_head_kv(ikv);
 }
 
 int32_t llama_l2kv_read_layer(struct llama_context * ctx, int32_t il, float * norms, int32_t * pos, int32_t n_cells_max) {
+    llama_l2kv_clear_error();
     if (ctx == nullptr || n_cells_max < 0) {
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
     }
@@ -281,6 +300,7 @@ int32_t llama_l2kv_read_layer(struct llama_context * ctx, int32_t il, float * no
 }
 
 int32_t llama_l2kv_evict_now(struct llama_context * ctx) {
+    llama_l2kv_clear_error();
     if (ctx == nullptr) {
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
     }
@@ -295,8 +315,9 @@ int32_t llama_l2kv_evict_now(struct llama_context * ctx) {
 }
 
 int64_t llama_l2kv_read_kv(struct llama_context * ctx, int32_t il, int32_t kind, int32_t cell0, int32_t n_cells, void * dst, size_t dst_size) {
+    llama_l2kv_clear_error();
     if (ctx == nullptr || dst == nullptr || (kind != 0 && kind != 1) || cell0 < 0 || n_cells < 0) {
-        LLAMA_LOG_ERROR("%s: bad argument (kind %d, cell0 %d, n_cells %d)\n", __func__, kind, cell0, n_cells);
+        llama_l2kv_error("%s: bad argument (kind %d, cell0 %d, n_cells %d)\n", __func__, kind, cell0, n_cells);
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
     }
     llama_kv_cache * kv = llama_l2kv_find_cache(ctx, __func__);
@@ -305,12 +326,12 @@ int64_t llama_l2kv_read_kv(struct llama_context * ctx, int32_t il, int32_t kind,
     }
     ggml_tensor * t = llama_kv_cache_l2::get_kv_tensor(*kv, il, kind);
     if (t == nullptr) {
-        LLAMA_LOG_ERROR("%s: layer %d has no %s tensor in this cache\n", __func__, il, kind == 0 ? "K" : "V");
+        llama_l2kv_error("%s: layer %d has no %s tensor in this cache\n", __func__, il, kind == 0 ? "K" : "V");
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
     }
     const size_t row = t->nb[1];
     if ((int64_t) cell0 + n_cells > t->ne[1] || dst_size < row*n_cells) {
-        LLAMA_LOG_ERROR("%s: cells [%d, %d) of %lld, or dst_size %zu < %zu\n", __func__, cell0, cell0 + n_cells,
+        llama_l2kv_error("%s: cells [%d, %d) of %lld, or dst_size %zu < %zu\n", __func__, cell0, cell0 + n_cells,
                 (long long) t->ne[1], dst_size, row*n_cells);
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
     }
