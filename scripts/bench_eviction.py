@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""CPU benchmark of L2 eviction: norm overhead, eviction cost, decode speed at depth. Prints a table.
+
+    python scripts/bench_eviction.py                       # SmolLM2 (default model) and a tiny model
+    python scripts/bench_eviction.py --model gemma3-270m --budget 512 --repeats 3
+
+All ratios are measured in one run, on the same context settings:
+  1. norm overhead: prompt and generation tokens/s with eviction off vs on with a budget the run
+     never reaches (the norm nodes are the only difference);
+  2. eviction cost: time per eviction event and its share of decode time, while decoding
+     --gen-tokens tokens one at a time past the budget (one eviction per n_batch tokens);
+  3. depth: decode tokens/s after a prompt of 8x the budget divided by decode tokens/s after a
+     prompt of 1x the budget (both with eviction on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import llama_cpp  # noqa: E402  (before numpy-heavy imports, see l2kv_cpp/_lib.py)
+import numpy as np  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+
+from l2kv_cpp import cache  # noqa: E402
+from l2kv_cpp.config import L2KVConfig  # noqa: E402
+from l2kv_cpp.decode import decode  # noqa: E402
+from l2kv_cpp.models import resolve_model  # noqa: E402
+from l2kv_cpp.tiny_model import TinyModelConfig, write_tiny_model  # noqa: E402
+
+
+def make(model: Path, n_ctx: int, n_batch: int, threads: int | None):
+    return llama_cpp.Llama(model_path=str(model), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, flash_attn=True,
+                           n_threads=threads, n_threads_batch=threads, verbose=False)
+
+
+def tokens(n: int, seed: int, vocab: int) -> list[int]:
+    return np.random.default_rng(seed).integers(10, min(vocab, 30000), size=n).tolist()
+
+
+def timed_prompt_and_gen(llm, prompt: list[int], gen: int) -> tuple[float, float]:
+    """(prompt tokens/s, generation tokens/s) feeding fixed tokens (no sampling cost)."""
+    t0 = time.perf_counter()
+    decode(llm, prompt, 0)
+    t1 = time.perf_counter()
+    pos = len(prompt)
+    for i in range(gen):
+        decode(llm, [prompt[i % len(prompt)]], pos + i)
+    t2 = time.perf_counter()
+    return len(prompt) / (t1 - t0), gen / (t2 - t1)
+
+
+def bench_model(name: str, model: Path, budget: int, n_batch: int, gen: int, repeats: int, threads: int | None):
+    vocab = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False).n_vocab()
+    rows = []
+    # 1. norm overhead, no eviction: the same context size, eviction off vs on (budget never reached)
+    prompt = tokens(2 * n_batch, 1, vocab)
+    n_ctx = 2 * n_batch + gen + n_batch + 256
+    res = {False: [], True: []}
+    for _ in range(repeats):
+        for on in (False, True):
+            llm = make(model, n_ctx, n_batch, threads)
+            if on:
+                cache.enable(llm.ctx, L2KVConfig(kv_budget=n_ctx - n_batch))
+            res[on].append(timed_prompt_and_gen(llm, prompt, gen))
+            if on:
+                assert cache.stats(llm.ctx).n_evictions == 0
+            llm.close()
+    for i, what in enumerate(("prompt", "generation")):
+        off = statistics.median(r[i] for r in res[False])
+        on = statistics.median(r[i] for r in res[True])
+        rows.append([name, f"{what} t/s, norms off / on", f"{off:.1f} / {on:.1f}", f"{100 * (off - on) / off:+.2f}%",
+                     "overhead < 2%"])
+
+    # 2 + 3. eviction cost and depth ratio, eviction on
+    speeds = {}
+    for depth in (budget, 8 * budget):
+        llm = make(model, budget + n_batch, n_batch, threads)
+        cache.enable(llm.ctx, L2KVConfig(kv_budget=budget))
+        decode(llm, tokens(depth, 2, vocab), 0)
+        before = cache.stats(llm.ctx)
+        t0 = time.perf_counter()
+        for i in range(gen if depth == budget else max(gen, 2 * n_batch)):
+            decode(llm, [100 + i % 50], depth + i)
+        dt = time.perf_counter() - t0
+        after = cache.stats(llm.ctx)
+        n_gen = after.pos_max + 1 - depth
+        speeds[depth] = n_gen / dt
+        if depth == 8 * budget:
+            n_ev = after.n_evictions - before.n_evictions
+            t_ev = after.t_evict_ms - before.t_evict_ms
+            per = t_ev / n_ev if n_ev else 0.0
+            rows.append([name, "eviction time per event (decode)", f"{per:.2f} ms ({n_ev} events)",
+                         f"{100 * t_ev / 1000 / dt:.2f}% of decode", "amortized < 2%"])
+            rows.append([name, f"prompt of {depth} tokens with eviction", f"{after.n_evictions} evictions total",
+                         f"{after.t_evict_ms:.0f} ms evicting", ""])
+        llm.close()
+    ratio = speeds[8 * budget] / speeds[budget]
+    rows.append([name, f"decode t/s at depth {8 * budget} / depth {budget}",
+                 f"{speeds[8 * budget]:.1f} / {speeds[budget]:.1f}", f"{ratio:.3f}", "ratio >= 0.9"])
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2", help="model name or GGUF path (default: smollm2)")
+    ap.add_argument("--budget", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=256, help="n_batch = n_ubatch")
+    ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-tiny", action="store_true", help="skip the tiny random model")
+    args = ap.parse_args()
+
+    rows = bench_model(args.model, resolve_model(args.model), args.budget, args.batch, args.gen_tokens, args.repeats,
+                       args.threads)
+    if not args.no_tiny:
+        with tempfile.TemporaryDirectory() as tmp:
+            tiny = write_tiny_model(Path(tmp) / "tiny.gguf", TinyModelConfig(n_layer=8, head_dim=64, n_ff=512))
+            rows += bench_model("tiny (8L, 4H/2KV, d64)", tiny, args.budget, args.batch, args.gen_tokens,
+                                args.repeats, args.threads)
+    print(tabulate(rows, headers=["model", "measure", "values", "result", "target"], tablefmt="github"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
