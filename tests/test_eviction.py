@@ -13,7 +13,9 @@ from l2kv_cpp.errors import InvalidParamsError, UnsupportedModelError
 
 
 def _ggml_type(name: str) -> int:
-    return int(getattr(_lib.llama_cpp(), f"GGML_TYPE_{name.upper()}"))
+    import gguf  # ggml's type ids (llama-cpp-python lacks some, e.g. BF16)
+
+    return int(gguf.GGMLQuantizationType[name.upper()])
 
 
 def test_cells_stay_within_budget_plus_batch_and_buffer_is_constant(tiny_model):
@@ -54,7 +56,7 @@ def _stock_rows(model, tokens, n_batch, **types):
         llm.close()
 
 
-@pytest.mark.parametrize("cache_type", ["f16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("cache_type", ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
 @pytest.mark.parametrize("per_head", [True, False])
 def test_kept_rows_are_byte_identical_to_a_stock_run(tiny_model_hd64, cache_type, per_head):
     """Rows stored before the first eviction, and layer 0 rows (which depend only on token and
