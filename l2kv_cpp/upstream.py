@@ -1,4 +1,4 @@
-"""The pinned upstream (upstream.toml beside this file) and the hash of our own native sources.
+"""The pinned upstream (upstream.toml beside this file), the hash of our native sources, the cache folder.
 
 Standard library only and free of other package imports: scripts/build_patched.py and
 scripts/apply_patches.py import it before anything is installed.
@@ -7,6 +7,7 @@ scripts/apply_patches.py import it before anything is installed.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,4 +49,17 @@ def source_hash(root: Path = REPO_ROOT) -> str | None:
         for p in sorted(d.rglob("*")):
             if p.is_file() and p.suffix != ".md":  # docs do not change the build
                 h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    """Root of everything l2kv-cpp caches: $L2KV_CACHE_DIR, default ~/.cache/l2kv-cpp."""
+    return Path(os.environ.get("L2KV_CACHE_DIR", Path.home() / ".cache" / "l2kv-cpp"))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()

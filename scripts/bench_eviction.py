@@ -36,8 +36,16 @@ from l2kv_cpp.tiny_model import TinyModelConfig, write_tiny_model  # noqa: E402
 
 
 def make(model: Path, n_ctx: int, n_batch: int, threads: int | None):
-    return llama_cpp.Llama(model_path=str(model), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, flash_attn=True,
-                           n_threads=threads, n_threads_batch=threads, verbose=False)
+    return llama_cpp.Llama(
+        model_path=str(model),
+        n_ctx=n_ctx,
+        n_batch=n_batch,
+        n_ubatch=n_batch,
+        flash_attn=True,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
 
 
 def tokens(n: int, seed: int, vocab: int) -> list[int]:
@@ -75,8 +83,15 @@ def bench_model(name: str, model: Path, budget: int, n_batch: int, gen: int, rep
     for i, what in enumerate(("prompt", "generation")):
         off = statistics.median(r[i] for r in res[False])
         on = statistics.median(r[i] for r in res[True])
-        rows.append([name, f"{what} t/s, norms off / on", f"{off:.1f} / {on:.1f}", f"{100 * (off - on) / off:+.2f}%",
-                     "overhead < 2%"])
+        rows.append(
+            [
+                name,
+                f"{what} t/s, norms off / on",
+                f"{off:.1f} / {on:.1f}",
+                f"{100 * (off - on) / off:+.2f}%",
+                "overhead < 2%",
+            ]
+        )
 
     # 2 + 3. eviction cost and depth ratio, eviction on
     speeds = {}
@@ -96,14 +111,35 @@ def bench_model(name: str, model: Path, budget: int, n_batch: int, gen: int, rep
             n_ev = after.n_evictions - before.n_evictions
             t_ev = after.t_evict_ms - before.t_evict_ms
             per = t_ev / n_ev if n_ev else 0.0
-            rows.append([name, "eviction time per event (decode)", f"{per:.2f} ms ({n_ev} events)",
-                         f"{100 * t_ev / 1000 / dt:.2f}% of decode", "amortized < 2%"])
-            rows.append([name, f"prompt of {depth} tokens with eviction", f"{after.n_evictions} evictions total",
-                         f"{after.t_evict_ms:.0f} ms evicting", ""])
+            rows.append(
+                [
+                    name,
+                    "eviction time per event (decode)",
+                    f"{per:.2f} ms ({n_ev} events)",
+                    f"{100 * t_ev / 1000 / dt:.2f}% of decode",
+                    "amortized < 2%",
+                ]
+            )
+            rows.append(
+                [
+                    name,
+                    f"prompt of {depth} tokens with eviction",
+                    f"{after.n_evictions} evictions total",
+                    f"{after.t_evict_ms:.0f} ms evicting",
+                    "",
+                ]
+            )
         llm.close()
     ratio = speeds[8 * budget] / speeds[budget]
-    rows.append([name, f"decode t/s at depth {8 * budget} / depth {budget}",
-                 f"{speeds[8 * budget]:.1f} / {speeds[budget]:.1f}", f"{ratio:.3f}", "ratio >= 0.9"])
+    rows.append(
+        [
+            name,
+            f"decode t/s at depth {8 * budget} / depth {budget}",
+            f"{speeds[8 * budget]:.1f} / {speeds[budget]:.1f}",
+            f"{ratio:.3f}",
+            "ratio >= 0.9",
+        ]
+    )
     return rows
 
 
@@ -118,13 +154,15 @@ def main() -> int:
     ap.add_argument("--no-tiny", action="store_true", help="skip the tiny random model")
     args = ap.parse_args()
 
-    rows = bench_model(args.model, resolve_model(args.model), args.budget, args.batch, args.gen_tokens, args.repeats,
-                       args.threads)
+    rows = bench_model(
+        args.model, resolve_model(args.model), args.budget, args.batch, args.gen_tokens, args.repeats, args.threads
+    )
     if not args.no_tiny:
         with tempfile.TemporaryDirectory() as tmp:
             tiny = write_tiny_model(Path(tmp) / "tiny.gguf", TinyModelConfig(n_layer=8, head_dim=64, n_ff=512))
-            rows += bench_model("tiny (8L, 4H/2KV, d64)", tiny, args.budget, args.batch, args.gen_tokens,
-                                args.repeats, args.threads)
+            rows += bench_model(
+                "tiny (8L, 4H/2KV, d64)", tiny, args.budget, args.batch, args.gen_tokens, args.repeats, args.threads
+            )
     print(tabulate(rows, headers=["model", "measure", "values", "result", "target"], tablefmt="github"))
     return 0
 

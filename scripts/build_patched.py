@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from apply_patches import PatchError, apply_series  # noqa: E402
 
-from l2kv_cpp.upstream import UpstreamPin, read_upstream, source_hash  # noqa: E402  (path set by apply_patches)
+from l2kv_cpp.upstream import UpstreamPin, cache_dir, read_upstream, sha256_file, source_hash  # noqa: E402  (path set by apply_patches)
 
 MIN_CMAKE = (3, 21)
 
@@ -57,20 +57,8 @@ class BuildOptions:
     jobs: int = field(default_factory=lambda: os.cpu_count() or 2)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("L2KV_CACHE_DIR", Path.home() / ".cache" / "l2kv-cpp"))
-
-
 def log(msg: str) -> None:
     print(f"[l2kv-build] {msg}", file=sys.stderr, flush=True)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_tools(opts: BuildOptions) -> None:

@@ -266,10 +266,6 @@ int32_t llama_kv_cache_l2::init() {
         llama_l2kv_error("%s: caches whose layers reuse other layers' K/V are not supported\n", __func__);
         return LLAMA_L2KV_STATUS_UNSUPPORTED_CONFIG;
     }
-    if (params.per_head == false && params.policy == LLAMA_L2KV_POLICY_RANDOM) {
-        // fine: one random choice per layer
-    }
-
     const uint32_t n_layer = kv.layers.size();
     const uint32_t kv_size = kv.get_size();
 
