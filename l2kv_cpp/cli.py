@@ -6,7 +6,6 @@ auto_envvar_prefix). Errors are one line on stderr and a non-zero exit, never a 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import sys
@@ -62,13 +61,13 @@ def doctor(model: str | None) -> None:
 
     checks = run_checks(on_check=show)
     if model is not None:
-        from .generate import GenerationSettings, load_llama
         from .models import resolve_model
+        from .session import L2KVModel, ModelSettings
 
         path = resolve_model(model)
-        llm = load_llama(path, GenerationSettings(n_ctx=256))
-        llm.close()
-        click.echo(f"{_MARK['ok']} {'model ' + model:<22} {path} loads")
+        with L2KVModel(path, ModelSettings(n_batch=64, n_ubatch=64), l2kv=None) as m:
+            m.feed(m.tokenize("Hello", add_bos=m.add_bos))
+        click.echo(f"{_MARK['ok']} {'model ' + model:<22} {path} loads and decodes")
     failed = [c for c in checks if c.status == FAIL]
     if failed:
         raise click.ClickException(f"{len(failed)} check(s) failed: {', '.join(c.name for c in failed)}")
@@ -116,61 +115,229 @@ def models(fetch: tuple[str, ...], force: bool, as_json: bool) -> None:
             click.echo(f"{'':<22} {st.problem()}")
 
 
+def _sampling_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed(
+        [
+            click.option(
+                "--temp",
+                default=0.8,
+                show_default=True,
+                type=click.FloatRange(min=0.0),
+                help="temperature (0 = greedy)",
+            ),
+            click.option("--top-k", default=40, show_default=True, type=click.IntRange(min=0), help="0 = off"),
+            click.option(
+                "--top-p",
+                default=0.95,
+                show_default=True,
+                type=click.FloatRange(0.0, 1.0, min_open=True),
+                help="1 = off",
+            ),
+            click.option("--min-p", default=0.05, show_default=True, type=click.FloatRange(0.0, 1.0), help="0 = off"),
+            click.option(
+                "--repeat-penalty",
+                default=1.0,
+                show_default=True,
+                type=click.FloatRange(min=0.0, min_open=True),
+                help="1 = off",
+            ),
+            click.option(
+                "-s",
+                "--seed",
+                default=-1,
+                show_default=True,
+                type=click.IntRange(min=-1, max=2**32 - 1),
+                help="sampling seed (-1 = random)",
+            ),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+def _eviction_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    from .config import Policy
+
+    policies = [p.name.lower().replace("_", "-") for p in Policy]
+    for opt in reversed(
+        [
+            click.option(
+                "--kv-budget",
+                default=4096,
+                show_default=True,
+                type=int,
+                help="KV entries kept per layer and head after an eviction",
+            ),
+            click.option(
+                "--policy",
+                default="keep-low-norm",
+                show_default=True,
+                type=click.Choice(policies),
+                help="what an eviction keeps (keep-low-norm is the paper's L2 rule)",
+            ),
+            click.option("--n-sink", default=4, show_default=True, type=int, help="first tokens never evicted"),
+            click.option("--n-recent", default=32, show_default=True, type=int, help="newest tokens never evicted"),
+            click.option(
+                "--per-head/--per-layer",
+                default=True,
+                show_default=True,
+                help="choose per KV head (paper) or once per layer",
+            ),
+            click.option(
+                "--skip-layers",
+                default="0,1",
+                show_default=True,
+                help="layers that keep sinks + recent tokens instead ('none' for none)",
+            ),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    from .session import CACHE_TYPES
+
+    for opt in reversed(
+        [
+            click.option(
+                "-c",
+                "--ctx-size",
+                default=0,
+                show_default=True,
+                type=click.IntRange(min=0),
+                help="KV cells; 0 = kv-budget + batch-size",
+            ),
+            click.option(
+                "-b",
+                "--batch-size",
+                default=512,
+                show_default=True,
+                type=click.IntRange(min=1),
+                help="tokens per decode call (and the eviction slack)",
+            ),
+            click.option(
+                "-ub",
+                "--ubatch-size",
+                default=512,
+                show_default=True,
+                type=click.IntRange(min=1),
+                help="physical batch size",
+            ),
+            click.option(
+                "-ngl", "--n-gpu-layers", default=0, show_default=True, type=int, help="layers on the GPU (-1 = all)"
+            ),
+            click.option(
+                "-fa",
+                "--flash-attn",
+                default="on",
+                show_default=True,
+                type=click.Choice(["on", "off"]),
+                help="flash attention (eviction needs it on)",
+            ),
+            click.option("-ctk", "--cache-type-k", default="f16", show_default=True, type=click.Choice(CACHE_TYPES)),
+            click.option("-ctv", "--cache-type-v", default="f16", show_default=True, type=click.Choice(CACHE_TYPES)),
+            click.option(
+                "-t",
+                "--threads",
+                default=None,
+                type=click.IntRange(min=1),
+                help="CPU threads [default: physical cores]",
+            ),
+            click.option("-v", "--verbose", is_flag=True, help="show llama.cpp's log"),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
 @main.command()
 @click.argument("model", required=False)
-@click.option("-p", "--prompt", default="Write one sentence about the sea.", show_default=True, help="prompt text")
-@click.option("-n", "--n-predict", default=64, show_default=True, type=click.IntRange(min=1), help="tokens to generate")
-@click.option("-c", "--ctx-size", default=2048, show_default=True, type=click.IntRange(min=16), help="context size")
-@click.option("-t", "--threads", default=None, type=click.IntRange(min=1), help="CPU threads [default: physical cores]")
-@click.option("-ngl", "--n-gpu-layers", default=0, show_default=True, type=int, help="layers on the GPU (-1 = all)")
-@click.option("--temp", default=0.0, show_default=True, type=click.FloatRange(min=0.0), help="temperature (0 = greedy)")
-@click.option("--seed", default=0, show_default=True, type=int, help="sampling seed")
+@click.option("-p", "--prompt", default=None, help="one-shot: answer this and exit (otherwise: interactive chat)")
+@click.option(
+    "-f",
+    "--file",
+    "file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="load this document first (long texts are fine)",
+)
+@click.option(
+    "-n",
+    "--n-predict",
+    default=1024,
+    show_default=True,
+    type=click.IntRange(min=-1),
+    help="at most this many tokens per answer (-1 = until the model stops)",
+)
+@click.option("--system", default=None, help="system prompt (chat templates only)")
 @click.option("--chat/--no-chat", default=None, help="use the chat template [default: when the model has one]")
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object with the text and statistics")
-@click.option("-v", "--verbose", is_flag=True, help="show llama.cpp's log")
+@click.option("--json", "as_json", is_flag=True, help="one-shot: print one JSON object with the text and statistics")
+@_sampling_options
+@_eviction_options
+@_model_options
 @_errors_as_one_line
 def run(
     model: str | None,
-    prompt: str,
+    prompt: str | None,
+    file: str | None,
     n_predict: int,
-    ctx_size: int,
-    threads: int | None,
-    n_gpu_layers: int,
-    temp: float,
-    seed: int,
+    system: str | None,
     chat: bool | None,
     as_json: bool,
-    verbose: bool,
+    **opts: Any,
 ) -> None:
-    """Generate an answer to a prompt with MODEL (a GGUF path or smollm2 / gemma3-270m; default smollm2)."""
-    from .generate import GenerationSettings, generate, load_llama
+    """Chat with MODEL (a GGUF path or smollm2 / gemma3-270m; default smollm2) in bounded KV memory.
+
+    Interactive by default: type a message, /stats, /reset or /exit (Ctrl-C stops an answer, Ctrl-D exits).
+    """
+    from . import runner
+
+    if as_json and prompt is None:
+        raise click.UsageError("--json needs -p/--prompt (one-shot mode)")
+    settings = runner.settings_from_options(opts)
+    runner.run(
+        model, prompt=prompt, file=file, n_predict=n_predict, system=system, chat=chat, as_json=as_json, **settings
+    )
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--kv-budget", default=4096, show_default=True, type=click.IntRange(min=1))
+@click.option("-b", "--batch-size", default=512, show_default=True, type=click.IntRange(min=1))
+@click.option("-ub", "--ubatch-size", default=512, show_default=True, type=click.IntRange(min=1))
+@_errors_as_one_line
+def info(model: str | None, kv_budget: int, batch_size: int, ubatch_size: int) -> None:
+    """Attention layout of MODEL and its KV memory with eviction vs. a full context."""
+    from tabulate import tabulate
+
+    from .info import memory_rows, read_model_info
     from .models import resolve_model
 
-    settings = GenerationSettings(
-        n_predict=n_predict,
-        n_ctx=ctx_size,
-        temperature=temp,
-        seed=seed,
-        n_threads=threads,
-        n_gpu_layers=n_gpu_layers,
-        chat=chat,
-    )
-    path = resolve_model(model)
-    llm = load_llama(path, settings, verbose=verbose)
-    try:
-        result = generate(llm, prompt, settings)
-    finally:
-        llm.close()
-    if as_json:
-        record = {"model": str(path), "prompt": prompt, **dataclasses.asdict(result)}
-        click.echo(json.dumps({**record, "tokens_per_second": round(result.tokens_per_second, 2)}))
-        return
-    click.echo(result.text)
+    mi = read_model_info(resolve_model(model))
+    full, swa = mi.full_layers, mi.swa_layers
+    heads = sorted({(lay.n_head_kv, lay.n_embd_head_k, lay.n_embd_head_v) for lay in full + swa})
+    click.echo(f"model          {mi.path}")
+    click.echo(f"architecture   {mi.architecture} ({mi.name})")
+    click.echo(f"layers         {mi.n_layer}: {len(full)} full attention (budgeted), {len(swa)} sliding window")
     click.echo(
-        f"[{result.n_prompt_tokens} prompt + {result.n_generated_tokens} generated tokens, "
-        f"{result.prompt_seconds:.2f} s prompt, {result.tokens_per_second:.1f} tokens/s, "
-        f"{'chat template' if result.chat_template else 'plain'}]",
-        err=True,
+        f"heads          {mi.n_head} query; KV heads x K/V head size: " + ", ".join(f"{h}x{k}/{v}" for h, k, v in heads)
+    )
+    click.echo(f"context        {mi.n_ctx_train} tokens (training)")
+    click.echo(f"sliding window {mi.n_swa or 'none'}")
+    click.echo(f"chat template  {'yes' if mi.has_chat_template else 'no'}")
+    click.echo("")
+    click.echo(
+        f"KV memory, eviction at kv_budget {kv_budget} + batch {batch_size} cells vs. the full "
+        f"{mi.n_ctx_train}-token context (sliding-window layers hold n_swa + ubatch cells in both):"
+    )
+    rows = memory_rows(mi, kv_budget, batch_size, ubatch_size)
+    click.echo(
+        tabulate(
+            rows,
+            headers=["cache type", "bytes/token (budgeted layers)", "with eviction", "full context", "saved"],
+            tablefmt="github",
+        )
     )
 
 

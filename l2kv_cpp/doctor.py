@@ -79,18 +79,18 @@ def _library_checks() -> Iterator[Check]:
 
 def _flash_attn_check(nat) -> Check:
     """Create a context on a tiny generated model with flash attention requested; read what llama.cpp chose."""
-    from .generate import GenerationSettings, load_llama
+    from .session import L2KVModel, ModelSettings
     from .tiny_model import write_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         path = write_tiny_model(Path(tmp) / "tiny.gguf")
         try:
-            llm = load_llama(path, GenerationSettings(n_ctx=256, flash_attn=True))
+            model = L2KVModel(path, ModelSettings(n_ctx=256, n_batch=64, n_ubatch=64), l2kv=None)
         except L2KVError as exc:
             return Check("flash attention", FAIL, f"could not create a test context: {exc}", BUILD_HINT)
-        try:
+        with model:
             out = nat.ffi.new("bool *")
-            status = nat.lib.llama_l2kv_get_flash_attn(nat.ctx_ptr(llm.ctx), out)
+            status = nat.lib.llama_l2kv_get_flash_attn(nat.ctx_ptr(model.llm.ctx), out)
             if status != 0:
                 return Check(
                     "flash attention", FAIL, f"llama_l2kv_get_flash_attn: {nat.status_str(status)}", BUILD_HINT
@@ -103,8 +103,6 @@ def _flash_attn_check(nat) -> Check:
                 "llama.cpp disabled flash attention on this backend",
                 "eviction needs flash attention; use a backend that supports GGML_OP_FLASH_ATTN_EXT",
             )
-        finally:
-            llm.close()
 
 
 def _model_checks() -> Iterator[Check]:

@@ -11,9 +11,12 @@ import shutil
 
 import pytest
 
+from l2kv_cpp.chat import Conversation
 from l2kv_cpp.errors import ModelError
-from l2kv_cpp.generate import GenerationSettings, generate, load_llama
+from l2kv_cpp.generate import generate
 from l2kv_cpp.models import DEFAULT_MODEL, GEMMA3_270M, KNOWN_MODELS, SMOLLM2, model_status, resolve_model
+from l2kv_cpp.sampling import SamplingSettings
+from l2kv_cpp.session import L2KVModel, ModelSettings
 
 
 def test_default_model_is_smollm2():
@@ -58,54 +61,48 @@ def test_both_real_models_pass_their_hash(smollm2_path, gemma_path):
         assert model_status(model).ok, model_status(model).problem()
 
 
+GREEDY = SamplingSettings(temperature=0)
+SMALL = ModelSettings(n_batch=64, n_ubatch=64)
+
+
 def test_tiny_model_generates_deterministically(tiny_model):
-    settings = GenerationSettings(n_predict=12, n_ctx=256, chat=False)
     texts = []
     for _ in range(2):
-        llm = load_llama(tiny_model, settings)
-        try:
-            result = generate(llm, "hello world", settings)
-        finally:
-            llm.close()
+        with L2KVModel(tiny_model, SMALL, l2kv=None) as m:
+            result = generate(m, m.tokenize("hello world", add_bos=True, special=False), GREEDY, max_tokens=12)
         assert result.n_generated_tokens == 12  # random weights never pick </s> this early
-        assert not result.chat_template
         texts.append(result.text)
     assert texts[0] == texts[1]
 
 
 def test_llama_cpp_rejects_what_the_scanner_cannot_see(tiny_model, tmp_path):
-    """A structurally complete GGUF with a wrong architecture still fails as a one-line ModelError."""
+    """A structurally complete GGUF with an unknown architecture still fails as a one-line ModelError."""
     data = bytearray(tiny_model.read_bytes())
     at = data.find(b"llama", 0, 200)  # the general.architecture value comes first in our writer
     data[at : at + 5] = b"xxxxx"
     bad = tmp_path / "badarch.gguf"
     bad.write_bytes(bytes(data))
     with pytest.raises(ModelError, match="llama.cpp could not load"):
-        load_llama(bad, GenerationSettings(n_ctx=256))
+        L2KVModel(bad, SMALL, l2kv=None)
+
+
+def _ask(path, text: str, n: int, chat: bool | None = None) -> tuple[str, Conversation]:
+    with L2KVModel(path, ModelSettings(n_batch=128, n_ubatch=128), l2kv=None) as m:
+        conv = Conversation(m, chat=chat)
+        out = "".join(r.text for r in conv.ask(text, GREEDY, n))
+        return out, conv
 
 
 @pytest.mark.slow
 def test_smollm2_answers_through_its_chat_template(smollm2_path):
-    settings = GenerationSettings(n_predict=24, n_ctx=512)
-    llm = load_llama(smollm2_path, settings)
-    try:
-        result = generate(llm, "Remember this: the secret word is 'pineapple'. What is the secret word?", settings)
-        # the template wraps the user turn in ChatML; the prompt is longer than the bare text
-        bare = len(llm.tokenize(b"Remember this: the secret word is 'pineapple'. What is the secret word?"))
-    finally:
-        llm.close()
-    assert result.chat_template
-    assert result.n_prompt_tokens > bare
-    assert "pineapple" in result.text.lower()
+    out, conv = _ask(smollm2_path, "Remember this: the secret word is 'pineapple'. What is the secret word?", 24)
+    assert conv.chat
+    assert conv.fed_text.startswith("<|im_start|>system")  # the ChatML template, with its default system turn
+    assert "pineapple" in out.lower()
 
 
 @pytest.mark.slow
 def test_gemma3_completes_plain_text(gemma_path):
-    settings = GenerationSettings(n_predict=8, n_ctx=512)
-    llm = load_llama(gemma_path, settings)
-    try:
-        result = generate(llm, "Paris is the capital of", settings)
-    finally:
-        llm.close()
-    assert not result.chat_template  # a base model without a template
-    assert "france" in result.text.lower()
+    out, conv = _ask(gemma_path, "Paris is the capital of", 8)
+    assert not conv.chat  # a base model without a template
+    assert "france" in out.lower()

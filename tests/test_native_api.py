@@ -8,7 +8,7 @@ import pytest
 
 from l2kv_cpp import _lib
 from l2kv_cpp._ffi import SUPPORTED_ABI_VERSION, cdef_from_header, header_abi_version
-from l2kv_cpp.generate import GenerationSettings, load_llama
+from l2kv_cpp.session import L2KVModel, ModelSettings
 from l2kv_cpp.upstream import read_upstream, source_hash
 
 
@@ -63,10 +63,8 @@ def test_null_arguments_return_a_status_instead_of_crashing(native):
 
 @pytest.mark.parametrize("requested", [True, False])
 def test_flash_attn_reports_what_the_context_was_created_with(native, tiny_model, requested):
-    llm = load_llama(tiny_model, GenerationSettings(n_ctx=256, flash_attn=requested))
-    try:
+    settings = ModelSettings(n_ctx=256, n_batch=64, n_ubatch=64, flash_attn=requested)
+    with L2KVModel(tiny_model, settings, l2kv=None) as m:
         out = native.ffi.new("bool *")
-        assert native.lib.llama_l2kv_get_flash_attn(native.ctx_ptr(llm.ctx), out) == 0
+        assert native.lib.llama_l2kv_get_flash_attn(native.ctx_ptr(m.llm.ctx), out) == 0
         assert bool(out[0]) is requested  # the CPU backend supports flash attention for every type
-    finally:
-        llm.close()

@@ -21,7 +21,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define LLAMA_L2KV_ABI_VERSION 3
+#define LLAMA_L2KV_ABI_VERSION 4
 
 #ifdef __cplusplus
 extern "C" {
@@ -79,6 +79,15 @@ extern "C" {
         double   t_evict_ms;         // wall time spent evicting (ranking + compaction graph)
         uint64_t kv_bytes;           // K/V buffer size of the budgeted cache
         uint64_t norm_bytes;         // size of the per-layer key norm buffers
+    };
+
+    // attention layout of one model layer, as llama.cpp loaded it (see llama_l2kv_model_layer_info)
+    struct llama_l2kv_layer_info {
+        bool    has_kv;        // the layer stores K/V in a cache
+        bool    is_swa;        // sliding-window attention (kept by the window cache, never budgeted)
+        int32_t n_head_kv;     // KV heads
+        int32_t n_embd_head_k; // K head size
+        int32_t n_embd_head_v; // V head size
     };
 
     // ABI version of the library (LLAMA_L2KV_ABI_VERSION at build time)
@@ -142,6 +151,15 @@ extern "C" {
                          int32_t   n_cells,
                             void * dst,
                           size_t   dst_size);
+
+    // the attention layout of model layer il (works on a vocab-only model: no weights needed)
+    LLAMA_API int32_t llama_l2kv_model_layer_info(
+            const struct llama_model * model,
+                             int32_t   il,
+        struct llama_l2kv_layer_info * out);
+
+    // the sliding window of the model in tokens (0 when it has none)
+    LLAMA_API int32_t llama_l2kv_model_n_swa(const struct llama_model * model);
 
     // the selection rule on its own (what every eviction runs per layer and head), for tests and tools:
     // writes to out_idx the indices of the n_keep entries to keep, best first: protected entries

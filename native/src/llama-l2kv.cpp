@@ -351,3 +351,26 @@ int32_t llama_l2kv_select(const int32_t * pos, const float * score, int32_t n, i
     std::copy(keep.begin(), keep.end(), out_idx);
     return (int32_t) keep.size();
 }
+
+int32_t llama_l2kv_model_layer_info(const struct llama_model * model, int32_t il, struct llama_l2kv_layer_info * out) {
+    llama_l2kv_clear_error();
+    if (model == nullptr || out == nullptr) {
+        llama_l2kv_error("%s: model and out must not be NULL\n", __func__);
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    const auto & hp = model->hparams;
+    if (il < 0 || (uint32_t) il >= hp.n_layer()) {
+        llama_l2kv_error("%s: layer %d is out of range [0, %u)\n", __func__, il, hp.n_layer());
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    out->has_kv        = hp.has_kv(il);
+    out->is_swa        = hp.is_swa(il);
+    out->n_head_kv     = (int32_t) hp.n_head_kv(il);
+    out->n_embd_head_k = (int32_t) hp.n_embd_head_k(il);
+    out->n_embd_head_v = (int32_t) hp.n_embd_head_v(il);
+    return LLAMA_L2KV_STATUS_OK;
+}
+
+int32_t llama_l2kv_model_n_swa(const struct llama_model * model) {
+    return model ? (int32_t) model->hparams.n_swa : LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+}

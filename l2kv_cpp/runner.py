@@ -1,0 +1,257 @@
+"""What `l2kv-cpp run` does: one-shot answers and the interactive chat, over the library API.
+
+The CLI only parses flags; this module turns them into settings, drives a `Conversation` and
+prints. Output: answers on stdout; progress, statistics and llama.cpp's log (with -v) on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .chat import Conversation
+from .config import L2KVConfig
+from .errors import InvalidParamsError, L2KVError
+from .generate import GenerationResponse
+from .models import resolve_model
+from .sampling import SamplingSettings
+from .session import L2KVModel, ModelSettings, ProgressFn
+
+LLAMA_DEFAULT_SEED = 0xFFFFFFFF
+HELP = "commands: /stats (KV memory and evictions), /reset (forget the conversation), /exit; Ctrl-C stops an answer"
+
+
+def settings_from_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """ModelSettings, L2KVConfig and SamplingSettings from the CLI options (each validated)."""
+    if opts["kv_budget"] < 1:
+        raise InvalidParamsError(f"--kv-budget must be >= 1 (got {opts['kv_budget']})")
+    if opts["flash_attn"] != "on":
+        if opts["cache_type_v"] not in ("f16", "bf16", "f32"):
+            raise InvalidParamsError(
+                f"-ctv {opts['cache_type_v']} (a quantized V cache) needs flash attention: drop -fa off"
+            )
+        raise InvalidParamsError("eviction needs flash attention: drop -fa off (the V cache must not be transposed)")
+    skip = opts["skip_layers"].strip().lower()
+    try:
+        skip_layers = () if skip in ("", "none") else tuple(int(x) for x in skip.split(","))
+    except ValueError:
+        raise InvalidParamsError(f"--skip-layers must be comma-separated layer ids or 'none' (got {skip!r})") from None
+    l2kv = L2KVConfig(
+        kv_budget=opts["kv_budget"],
+        n_sink=opts["n_sink"],
+        n_recent=opts["n_recent"],
+        policy=opts["policy"],
+        per_head=opts["per_head"],
+        skip_layers=skip_layers,
+    )
+    model = ModelSettings(
+        n_ctx=opts["ctx_size"],
+        n_batch=opts["batch_size"],
+        n_ubatch=min(opts["ubatch_size"], opts["batch_size"]),
+        n_gpu_layers=opts["n_gpu_layers"],
+        flash_attn=True,
+        cache_type_k=opts["cache_type_k"],
+        cache_type_v=opts["cache_type_v"],
+        n_threads=opts["threads"],
+        verbose=opts["verbose"],
+    )
+    sampling = SamplingSettings(
+        temperature=opts["temp"],
+        top_k=opts["top_k"],
+        top_p=opts["top_p"],
+        min_p=opts["min_p"],
+        repeat_penalty=opts["repeat_penalty"],
+        seed=LLAMA_DEFAULT_SEED if opts["seed"] < 0 else opts["seed"],
+    )
+    return {"model_settings": model, "l2kv": l2kv, "sampling": sampling}
+
+
+@contextmanager
+def progress_bar(model: L2KVModel, desc: str) -> Iterator[ProgressFn]:
+    """A tqdm bar on stderr for long inputs: tokens done, tokens/s and KV cells in use."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            if total <= model.settings.n_batch:
+                return  # short inputs need no bar
+            bar = tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, leave=False, dynamic_ncols=True)
+        bar.update(done - bar.n)
+        bar.set_postfix_str(f"KV cells {model.stats().n_cells_used}", refresh=False)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def read_document(file: str) -> str:
+    path = Path(file)
+    if not path.is_file():
+        raise InvalidParamsError(f"-f/--file: {path} does not exist or is not a file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InvalidParamsError(f"-f/--file: {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise InvalidParamsError(f"-f/--file: cannot read {path}: {exc.strerror}") from None
+
+
+def stats_text(model: L2KVModel, last: GenerationResponse | None, prompt_tps: float) -> str:
+    st = model.stats()
+    mem = model.memory_report()
+    lines = [
+        f"cells in use   {st.n_cells_used} (budget {st.kv_budget} + batch {model.settings.n_batch}; "
+        f"buffer {st.kv_size} cells)",
+        f"KV memory      {mem['kv_mib']:.1f} MiB now vs {mem['full_cache_mib']:.1f} MiB for a full cache of "
+        f"{int(mem['tokens_seen'])} tokens",
+        f"evictions      {st.n_evictions} ({st.n_dropped} entries dropped per layer and head, "
+        f"{st.n_moved_rows} rows moved, {st.t_evict_ms:.0f} ms)",
+    ]
+    if last is not None:
+        lines.append(
+            f"last answer    {last.n_generated_tokens} tokens at {last.tokens_per_second:.1f} tokens/s "
+            f"(prompt {prompt_tps:.0f} tokens/s)"
+        )
+    return "\n".join(lines)
+
+
+def summary_line(model: L2KVModel, last: GenerationResponse | None) -> str:
+    st = model.stats()
+    mem = model.memory_report()
+    n = last.n_generated_tokens if last else 0
+    tps = last.tokens_per_second if last else 0.0
+    return (
+        f"[{n} tokens, {tps:.1f} t/s | KV {st.n_cells_used} cells, {st.n_evictions} evictions, "
+        f"{mem['kv_mib']:.1f} MiB vs {mem['full_cache_mib']:.1f} MiB full]"
+    )
+
+
+def _answer(
+    conv: Conversation, text: str, sampling: SamplingSettings, n_predict: int, echo: bool
+) -> tuple[str, GenerationResponse | None, bool]:
+    """Stream one answer; returns (text, last response, interrupted)."""
+    pieces: list[str] = []
+    last = None
+    with progress_bar(conv.model, "prompt") as progress:
+        gen = conv.ask(text, sampling, n_predict, progress)
+        try:
+            for last in gen:
+                pieces.append(last.text)
+                if echo:
+                    sys.stdout.write(last.text)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            return "".join(pieces), last, True
+        finally:
+            gen.close()
+    return "".join(pieces), last, False
+
+
+def run(
+    model: str | None,
+    prompt: str | None,
+    file: str | None,
+    n_predict: int,
+    system: str | None,
+    chat: bool | None,
+    as_json: bool,
+    model_settings: ModelSettings,
+    l2kv: L2KVConfig,
+    sampling: SamplingSettings,
+) -> None:
+    path = resolve_model(model)
+    document = read_document(file) if file else None
+    with L2KVModel(path, model_settings, l2kv) as m:
+        conv = Conversation(m, chat=chat, system=system)
+        if document is not None:
+            with progress_bar(m, "document") as progress:
+                n = conv.load_document(document, progress)
+            print(f"[loaded {file}: {n} tokens; {m.stats().n_cells_used} KV cells in use]", file=sys.stderr)
+        if prompt is not None:
+            one_shot(conv, prompt, sampling, n_predict, as_json)
+        else:
+            interactive(conv, sampling, n_predict)
+
+
+def one_shot(conv: Conversation, prompt: str, sampling: SamplingSettings, n_predict: int, as_json: bool) -> None:
+    text, last, interrupted = _answer(conv, prompt, sampling, n_predict, echo=not as_json)
+    m = conv.model
+    if as_json:
+        st = m.stats()
+        print(
+            json.dumps(
+                {
+                    "model": str(m.path),
+                    "prompt": prompt,
+                    "text": text,
+                    "chat_template": bool(conv.chat),
+                    "n_prompt_tokens": m.n_past - (last.n_generated_tokens if last else 0),
+                    "n_generated_tokens": last.n_generated_tokens if last else 0,
+                    "prompt_tokens_per_second": round(conv.last_prompt_tokens_per_second, 2),
+                    "tokens_per_second": round(last.tokens_per_second, 2) if last else 0.0,
+                    "finish_reason": "interrupted" if interrupted else (last.finish_reason if last else None),
+                    "kv": asdict(st),
+                    "memory_mib": {k: round(v, 3) for k, v in m.memory_report().items()},
+                }
+            )
+        )
+        return
+    print()
+    print(summary_line(m, last), file=sys.stderr)
+    if interrupted:
+        raise KeyboardInterrupt
+
+
+def interactive(conv: Conversation, sampling: SamplingSettings, n_predict: int) -> None:
+    m = conv.model
+    tty = sys.stdin.isatty()
+    if tty:
+        print(
+            f"l2kv-cpp chat with {m.path.name} (KV budget {m.l2kv.kv_budget if m.l2kv else 'off'}). {HELP}",
+            file=sys.stderr,
+        )
+    last: GenerationResponse | None = None
+    while True:
+        try:
+            line = input("> " if tty else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            break
+        if cmd == "/stats":
+            print(stats_text(m, last, conv.last_prompt_tokens_per_second))
+            continue
+        if cmd == "/reset":
+            conv.reset()
+            print("(conversation reset)")
+            continue
+        if cmd == "/help" or cmd.startswith("/"):
+            print(HELP)
+            continue
+        try:
+            _, resp, interrupted = _answer(conv, cmd, sampling, n_predict, echo=True)
+        except KeyboardInterrupt:  # during the prompt: the conversation rolled back to the previous turn
+            print("\n(interrupted)")
+            continue
+        except L2KVError as exc:
+            print(f"\nerror: {exc}", file=sys.stderr)
+            continue
+        last = resp or last
+        print("\n(stopped)" if interrupted else "")
+        print(summary_line(m, resp), file=sys.stderr)

@@ -1,0 +1,202 @@
+"""`L2KVModel`: a model and one context with L2 eviction enabled, fed by our own decode loop.
+
+llama-cpp-python's `Llama` loads the model, tokenizes and renders chat templates; generation past
+its `n_ctx` token slots runs through `decode()` here. The context is sized as `kv_budget +
+n_batch` cells (plus what a sliding-window cache needs), flash attention is on by default, and
+eviction is enabled right after the context is created. `close()` (or the context manager)
+frees everything.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _lib, cache
+from ._ffi import native
+from .config import L2KVConfig
+from .decode import decode, logits_ith
+from .errors import InvalidParamsError, ModelError
+from .gguf_file import check_gguf
+
+# cache types accepted by -ctk/-ctv (ggml type names, as llama.cpp's --cache-type-k)
+CACHE_TYPES = ("f16", "bf16", "f32", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
+
+
+def ggml_type_id(name: str) -> int:
+    import gguf
+
+    try:
+        return int(gguf.GGMLQuantizationType[name.upper()])
+    except KeyError:
+        raise InvalidParamsError(f"unknown cache type {name!r}; one of: {', '.join(CACHE_TYPES)}") from None
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    n_ctx: int = 0  # context cells; 0 = kv_budget + n_batch (eviction) or the model's training context
+    n_batch: int = 512  # tokens per llama_decode call (also the eviction slack)
+    n_ubatch: int = 512  # physical batch; <= n_batch
+    n_gpu_layers: int = 0  # -1 = all
+    flash_attn: bool = True  # eviction needs it (V not transposed)
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    n_threads: int | None = None  # None = llama-cpp-python's default
+    verbose: bool = False  # llama.cpp's log on stderr
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 0:
+            raise InvalidParamsError(f"n_ctx must be >= 0 (got {self.n_ctx})")
+        if self.n_batch < 1 or self.n_ubatch < 1:
+            raise InvalidParamsError(f"n_batch and n_ubatch must be >= 1 (got {self.n_batch}, {self.n_ubatch})")
+        if self.n_ubatch > self.n_batch:
+            raise InvalidParamsError(f"n_ubatch ({self.n_ubatch}) must be <= n_batch ({self.n_batch})")
+        for name in (self.cache_type_k, self.cache_type_v):
+            if name not in CACHE_TYPES:
+                raise InvalidParamsError(f"unknown cache type {name!r}; one of: {', '.join(CACHE_TYPES)}")
+        if self.cache_type_v not in ("f16", "bf16", "f32") and not self.flash_attn:
+            raise InvalidParamsError(
+                f"a quantized V cache ({self.cache_type_v}) needs flash attention; drop -fa off or use -ctv f16"
+            )
+
+
+ProgressFn = Callable[[int, int], None]  # (tokens done, tokens total)
+
+DEFAULT_MODEL_SETTINGS = ModelSettings()
+DEFAULT_L2KV = L2KVConfig()
+
+
+class L2KVModel:
+    """A loaded model with one single-sequence context; eviction on unless `l2kv` is None."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        settings: ModelSettings = DEFAULT_MODEL_SETTINGS,
+        l2kv: L2KVConfig | None = DEFAULT_L2KV,
+    ):
+        path = Path(model_path)
+        self.info = check_gguf(path)
+        native()  # refuse a stock libllama before loading anything
+        self.path, self.settings, self.l2kv = path, settings, l2kv
+        lc = _lib.llama_cpp()
+        n_ctx = settings.n_ctx or self._auto_n_ctx()
+        if l2kv is not None and n_ctx < l2kv.kv_budget + settings.n_batch:
+            raise InvalidParamsError(
+                f"-c/--ctx-size {n_ctx} is too small for kv_budget {l2kv.kv_budget} + n_batch {settings.n_batch}; "
+                f"use -c {l2kv.kv_budget + settings.n_batch} or 0 (auto)"
+            )
+        try:
+            self.llm = lc.Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_batch=settings.n_batch,
+                n_ubatch=settings.n_ubatch,
+                n_gpu_layers=settings.n_gpu_layers,
+                flash_attn=settings.flash_attn,
+                type_k=ggml_type_id(settings.cache_type_k),
+                type_v=ggml_type_id(settings.cache_type_v),
+                n_threads=settings.n_threads,
+                n_threads_batch=settings.n_threads,
+                verbose=settings.verbose,
+            )
+        except ValueError as exc:
+            raise ModelError(f"llama.cpp could not load {path} ({exc}); run with -v for its log") from None
+        self.n_past = 0  # the next position
+        self._vocab = self.llm._model.vocab
+        if l2kv is not None:
+            try:
+                cache.enable(self.llm.ctx, l2kv)
+            except Exception:
+                self.llm.close()
+                raise
+
+    def _auto_n_ctx(self) -> int:
+        s, info = self.settings, self.info
+        if self.l2kv is None:
+            return int(info.arch_value("context_length", 4096))
+        n = self.l2kv.kv_budget + s.n_batch
+        n_swa = int(info.arch_value("attention.sliding_window", 0) or 0)
+        return max(n, n_swa + s.n_ubatch) if n_swa else n
+
+    # lifetime
+
+    def close(self) -> None:
+        if getattr(self, "llm", None) is not None:
+            self.llm.close()
+            self.llm = None
+
+    def __enter__(self) -> L2KVModel:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # tokens
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.llm.metadata.get("tokenizer.chat_template"))
+
+    def tokenize(self, text: str, add_bos: bool = False, special: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode(), add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: Sequence[int]) -> bytes:
+        return self.llm.detokenize(list(tokens))
+
+    def token_text(self, token: int) -> bytes:
+        return self.llm.detokenize([token], special=True)
+
+    def is_eog(self, token: int) -> bool:
+        return bool(_lib.llama_cpp().llama_vocab_is_eog(self._vocab, token))
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(_lib.llama_cpp().llama_vocab_get_add_bos(self._vocab))
+
+    # cache
+
+    def feed(self, tokens: Sequence[int], progress: ProgressFn | None = None) -> None:
+        """Decode tokens at the next positions, n_batch at a time (evicting as needed)."""
+        n_batch = self.settings.n_batch
+        for start in range(0, len(tokens), n_batch):
+            chunk = tokens[start : start + n_batch]
+            decode(self.llm, chunk, self.n_past)
+            self.n_past += len(chunk)
+            if progress:
+                progress(start + len(chunk), len(tokens))
+
+    def logits(self) -> np.ndarray:
+        return logits_ith(self.llm)
+
+    def stats(self) -> cache.L2KVStats:
+        return cache.stats(self.llm.ctx)
+
+    def rewind(self, n_past: int) -> bool:
+        """Drop positions >= n_past; False when an eviction already compacted them (nothing changes then)."""
+        lc = _lib.llama_cpp()
+        if not lc.llama_memory_seq_rm(lc.llama_get_memory(self.llm.ctx), 0, n_past, -1):
+            return False
+        self.n_past = n_past
+        return True
+
+    def reset(self) -> None:
+        """Forget everything: empty cache, position 0."""
+        lc = _lib.llama_cpp()
+        lc.llama_memory_clear(lc.llama_get_memory(self.llm.ctx), True)
+        self.n_past = 0
+
+    def memory_report(self) -> dict[str, float]:
+        """KV memory now vs. a full cache holding every token seen so far (MiB), from the live stats."""
+        st = self.stats()
+        per_token = st.kv_bytes / st.kv_size if st.kv_size else 0.0
+        return {
+            "kv_mib": (st.kv_bytes + st.norm_bytes) / 2**20,
+            "full_cache_mib": per_token * self.n_past / 2**20,
+            "tokens_seen": float(self.n_past),
+        }
