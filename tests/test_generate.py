@@ -58,49 +58,51 @@ def test_generation_far_past_the_buffer_is_bounded_and_matches_windowed_referenc
         assert st.kv_size == m.stats().kv_size
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "open question: the kept entries and their K/V bytes equal the stock run's, yet logits after some "
-        "evictions differ by up to ~0.02 (f32 cache, most chunks agree to 1e-4); see the issue note"
-    ),
-)
-def test_window_eviction_equals_dropping_the_same_tokens_in_a_stock_cache(tiny_model):
+def test_window_eviction_equals_dropping_the_same_tokens_in_a_stock_cache(tmp_path):
     """The whole machinery (moves, virtual positions, mask) against stock llama.cpp: with the window
     policy, eviction keeps the sinks and the newest tokens in every layer; removing exactly those
-    positions with seq_rm from a stock cache at the same moments must give the same logits."""
-    import tempfile
-    from pathlib import Path
-
+    positions with seq_rm from a stock cache at the same moments must give the same logits, up to the
+    summation-order noise of the model, which the test measures itself: the same stock run with a
+    different batch size (f32 weights and cache, so nothing else differs)."""
     from l2kv_cpp.tiny_model import TinyModelConfig, write_tiny_model
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model = write_tiny_model(Path(tmp) / "f32.gguf", TinyModelConfig(weight_type="f32", seed=3))
-        budget, n_batch, n_sink = 128, 64, 4
-        f32 = 0  # GGML_TYPE_F32: no rounding of K/V, so any difference is a real one
-        a = make_llm(model, n_ctx=budget + n_batch, n_batch=n_batch, type_k=f32, type_v=f32)
-        b = make_llm(model, n_ctx=1024, n_batch=n_batch, type_k=f32, type_v=f32)
+    model = write_tiny_model(tmp_path / "f32.gguf", TinyModelConfig(weight_type="f32", seed=3))
+    budget, n_batch, n_sink, f32 = 128, 64, 4, 0
+    lc = _lib.llama_cpp()
+    tokens = random_tokens(600)
+
+    def stock(batch: int) -> list[np.ndarray]:
+        llm = make_llm(model, n_ctx=1024, n_batch=batch, type_k=f32, type_v=f32)
+        mem, used, out = lc.llama_get_memory(llm.ctx), 0, []
         try:
-            cache.enable(
-                a.ctx, L2KVConfig(kv_budget=budget, n_sink=n_sink, n_recent=0, policy="window", skip_layers=())
-            )
-            lc = _lib.llama_cpp()
-            mem = lc.llama_get_memory(b.ctx)
-            tokens = random_tokens(600)
-            used = 0
             for s in range(0, len(tokens), n_batch):
                 chunk = tokens[s : s + n_batch]
                 if used + len(chunk) > budget + n_batch:
                     assert lc.llama_memory_seq_rm(mem, 0, n_sink, s - (budget - n_sink))
                     used = budget
-                decode(a, chunk, s)
-                decode(b, chunk, s)
+                decode(llm, chunk, s)
                 used += len(chunk)
-                np.testing.assert_allclose(logits_ith(a), logits_ith(b), rtol=0, atol=1e-4)
-            assert cache.stats(a.ctx).n_evictions >= 6
+                out.append(logits_ith(llm))
         finally:
-            a.close()
-            b.close()
+            llm.close()
+        return out
+
+    a = make_llm(model, n_ctx=budget + n_batch, n_batch=n_batch, type_k=f32, type_v=f32)
+    try:
+        cache.enable(a.ctx, L2KVConfig(kv_budget=budget, n_sink=n_sink, n_recent=0, policy="window", skip_layers=()))
+        evicted = []
+        for s in range(0, len(tokens), n_batch):
+            decode(a, tokens[s : s + n_batch], s)
+            evicted.append(logits_ith(a))
+        assert cache.stats(a.ctx).n_evictions >= 6
+    finally:
+        a.close()
+    ref, ref_small_batches = stock(n_batch), stock(n_batch // 2)
+    noise = max(float(np.abs(x - y).max()) for x, y in zip(ref, ref_small_batches, strict=True))
+    diff = max(float(np.abs(x - y).max()) for x, y in zip(evicted, ref, strict=True))
+    assert 0 < noise < 0.1  # the noise floor exists and is small
+    assert diff <= 4 * noise, f"eviction differs by {diff:.4g}, reordering noise is {noise:.4g}"
+    assert all(int(x.argmax()) == int(y.argmax()) for x, y in zip(evicted, ref, strict=True))
 
 
 def test_conversation_only_appends_to_the_cache(tiny_model):
