@@ -341,5 +341,191 @@ def info(model: str | None, kv_budget: int, batch_size: int, ubatch_size: int) -
     )
 
 
+@main.group(name="eval")
+def eval_group() -> None:
+    """Evaluation tasks: passkey, needle in a haystack, perplexity (records in JSON lines)."""
+
+
+def _eval_common(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed(
+        [
+            click.argument("model", required=False),
+            click.option(
+                "--keep",
+                "keeps",
+                default="0.9,0.7,0.5,0.3,0.1",
+                show_default=True,
+                help="comma-separated fractions of the KV entries kept",
+            ),
+            click.option("--policies", default="keep-low-norm,keep-high-norm,random,window", show_default=True),
+            click.option("--n-sink", default=4, show_default=True, type=click.IntRange(min=0)),
+            click.option("--n-recent", default=32, show_default=True, type=click.IntRange(min=0)),
+            click.option(
+                "--out",
+                type=click.Path(file_okay=False),
+                default="results",
+                show_default=True,
+                help="folder of the <task>.jsonl records (existing runs are skipped)",
+            ),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{name} must be comma-separated numbers (got {text!r})") from None
+
+
+def _comps(keeps: str, policies: str, n_sink: int, n_recent: int):
+    from .eval.tasks import compressions
+
+    ks = _floats(keeps, "--keep")
+    if any(not 0 < k <= 1 for k in ks):
+        raise click.BadParameter(f"--keep values must be in (0, 1] (got {keeps})")
+    return compressions(ks, [p.strip() for p in policies.split(",") if p.strip()], n_sink=n_sink, n_recent=n_recent)
+
+
+@eval_group.command("passkey")
+@_eval_common
+@click.option("--n-junk", default=64, show_default=True, type=click.IntRange(min=1), help="filler sentences")
+@click.option("--depths", default="0.1,0.5,0.9", show_default=True)
+@click.option("--seeds", default=2, show_default=True, type=click.IntRange(min=1))
+@_errors_as_one_line
+def eval_passkey(
+    model: str | None,
+    keeps: str,
+    policies: str,
+    n_sink: int,
+    n_recent: int,
+    out: str,
+    n_junk: int,
+    depths: str,
+    seeds: int,
+) -> None:
+    """Passkey retrieval (llama.cpp examples/passkey format), exact match."""
+    from pathlib import Path
+
+    from .eval import passkey
+    from .eval.results import ResultStore
+    from .eval.tasks import run_passkey
+
+    cases = [passkey.PasskeyCase(n_junk, d, s) for d in _floats(depths, "--depths") for s in range(seeds)]
+    run_passkey(
+        model,
+        cases,
+        _comps(keeps, policies, n_sink, n_recent),
+        ResultStore(Path(out) / "passkey.jsonl"),
+        log=click.echo,
+    )
+
+
+@eval_group.command("niah")
+@_eval_common
+@click.option("--lengths", default="1000,2000", show_default=True, help="document lengths in tokens")
+@click.option("--depths", default="0.1,0.5,0.9", show_default=True)
+@_errors_as_one_line
+def eval_niah(
+    model: str | None, keeps: str, policies: str, n_sink: int, n_recent: int, out: str, lengths: str, depths: str
+) -> None:
+    """Needle in a haystack on the Paul Graham essays; score = fraction of the needle's two facts."""
+    from pathlib import Path
+
+    from .eval import niah
+    from .eval.results import ResultStore
+    from .eval.tasks import run_niah
+
+    cases = [niah.NiahCase(int(n), d) for n in _floats(lengths, "--lengths") for d in _floats(depths, "--depths")]
+    run_niah(
+        model, cases, _comps(keeps, policies, n_sink, n_recent), ResultStore(Path(out) / "niah.jsonl"), log=click.echo
+    )
+
+
+@eval_group.command("ppl")
+@_eval_common
+@click.option("--n-tokens", default=2048, show_default=True, type=click.IntRange(min=64))
+@_errors_as_one_line
+def eval_ppl(model: str | None, keeps: str, policies: str, n_sink: int, n_recent: int, out: str, n_tokens: int) -> None:
+    """Perplexity on the essays as the cache streams and evicts, with KL divergence against a full cache."""
+    from pathlib import Path
+
+    from .eval.results import ResultStore
+    from .eval.tasks import run_ppl
+
+    run_ppl(
+        model, n_tokens, _comps(keeps, policies, n_sink, n_recent), ResultStore(Path(out) / "ppl.jsonl"), log=click.echo
+    )
+
+
+@eval_group.command("attention")
+@click.argument("model", required=False)
+@click.option(
+    "--keep",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    help="fraction of the keys kept",
+)
+@click.option(
+    "--n-tokens",
+    default=512,
+    show_default=True,
+    type=click.IntRange(min=16),
+    help="essay tokens analysed in one ubatch",
+)
+@click.option(
+    "--n-queries", default=64, show_default=True, type=click.IntRange(min=1), help="last query positions averaged"
+)
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="write the ALr heatmap (PNG) here")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object per (layer, KV head)")
+@_errors_as_one_line
+def eval_attention(
+    model: str | None, keep: float, n_tokens: int, n_queries: int, plot: str | None, as_json: bool
+) -> None:
+    """Attention mass norm-based eviction drops vs. the ideal eviction, per layer and KV head (ALr)."""
+    from pathlib import Path
+
+    from .eval.attention import analyse, plot_alr, recommend_skip_layers
+    from .eval.niah import corpus_text
+    from .models import resolve_model
+    from .session import L2KVModel, ModelSettings
+
+    path = resolve_model(model)
+    with L2KVModel(path, ModelSettings(n_ctx=64, n_batch=32, n_ubatch=32), None) as tok:
+        tokens = tok.tokenize(corpus_text(), add_bos=tok.add_bos, special=False)[:n_tokens]
+    losses = analyse(path, tokens, keep, n_queries)
+    if as_json:
+        for x in losses:
+            click.echo(
+                json.dumps(
+                    {
+                        "layer": x.il,
+                        "kv_head": x.head,
+                        "loss_norm": round(x.loss_norm, 5),
+                        "loss_ideal": round(x.loss_ideal, 5),
+                        "alr": round(x.alr, 5),
+                    }
+                )
+            )
+    else:
+        by_layer: dict[int, list[float]] = {}
+        for x in losses:
+            by_layer.setdefault(x.il, []).append(x.alr)
+        click.echo(
+            f"ALr per layer (mean over KV heads), keep {keep:.0%}, {len(tokens)} tokens, last {n_queries} queries:"
+        )
+        click.echo(" ".join(f"{il}:{sum(v) / len(v):.3f}" for il, v in sorted(by_layer.items())))
+        from .info import read_model_info
+
+        budgeted = {lay.il for lay in read_model_info(path).full_layers}  # sliding-window layers are never budgeted
+        rec = recommend_skip_layers([x for x in losses if x.il in budgeted])
+        click.echo(f"recommended skip layers (of the {len(budgeted)} budgeted layers): {','.join(map(str, rec))}")
+    if plot:
+        plot_alr(losses, f"ALr, keep {keep:.0%}: {path.name}", Path(plot))
+
+
 if __name__ == "__main__":
     main()

@@ -21,7 +21,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define LLAMA_L2KV_ABI_VERSION 4
+#define LLAMA_L2KV_ABI_VERSION 5
 
 #ifdef __cplusplus
 extern "C" {
@@ -160,6 +160,26 @@ extern "C" {
 
     // the sliding window of the model in tokens (0 when it has none)
     LLAMA_API int32_t llama_l2kv_model_n_swa(const struct llama_model * model);
+
+    // attention probe, for the norm-attention analysis: an eval callback (llama_context_params.cb_eval,
+    // with cb_eval_user_data = the probe) that keeps, per layer, the attention weights "kq_soft_max-<il>"
+    // [n_kv, n_tokens, n_head] (flash attention must be off so that they are computed) and the keys
+    // "Kcur-<il>" [n_embd_head_k, n_head_kv, n_tokens] of the last ubatch; read them with _get
+    struct llama_l2kv_probe;
+
+    LLAMA_API struct llama_l2kv_probe * llama_l2kv_probe_new(void);
+    LLAMA_API void llama_l2kv_probe_free(struct llama_l2kv_probe * probe);
+    LLAMA_API bool llama_l2kv_probe_cb(struct ggml_tensor * t, bool ask, void * probe);
+
+    // what = 0: attention weights, 1: keys; writes the 4 dimensions (ggml order) to ne and, if dst is
+    // not NULL and holds dst_count floats, the data; returns the element count or a negative status
+    LLAMA_API int64_t llama_l2kv_probe_get(
+            const struct llama_l2kv_probe * probe,
+                                  int32_t   il,
+                                  int32_t   what,
+                                  int64_t * ne,
+                                    float * dst,
+                                  int64_t   dst_count);
 
     // the selection rule on its own (what every eviction runs per layer and head), for tests and tools:
     // writes to out_idx the indices of the n_keep entries to keep, best first: protected entries

@@ -1,0 +1,199 @@
+"""Run the evaluation tasks over a grid of cases and compression settings, one JSON record per run.
+
+Each task function takes the model (name or path), its cases, the compression settings and a
+`ResultStore`; runs whose record exists are skipped. `compressions()` builds the standard grid:
+the full cache plus every policy at every keep ratio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import L2KVConfig
+from ..models import KNOWN_MODELS, resolve_model
+from ..session import L2KVModel, ModelSettings
+from . import niah, passkey
+from .perplexity import run_perplexity, text_tokens
+from .qa import POLICIES, PROTOCOL, Compression, document_tokens, run_qa
+from .results import ResultStore
+
+KEEP_RATIOS = (0.9, 0.7, 0.5, 0.3, 0.1)
+
+Log = Callable[[str], None]
+
+
+def compressions(
+    keeps: Iterable[float] = KEEP_RATIOS, policies: Iterable[str] = POLICIES, **kwargs: Any
+) -> list[Compression]:
+    out = [Compression("full", 1.0)]
+    out += [Compression(p, k, **kwargs) for k in keeps for p in policies]
+    return out
+
+
+def uses_chat(model_path: Path) -> bool:
+    """Real-model tests of instruct models go through the chat template; base models complete text."""
+    for m in KNOWN_MODELS.values():
+        if m.path == model_path:
+            return m.use_chat_template
+    with L2KVModel(model_path, ModelSettings(n_batch=32, n_ubatch=32), None) as tok:
+        return tok.has_chat_template
+
+
+def _comp_config(c: Compression) -> dict[str, Any]:
+    d = asdict(c)
+    d["skip_layers"] = list(c.skip_layers) if c.skip_layers is not None else "default"
+    return d
+
+
+def _tokenizer(model_path: Path) -> L2KVModel:
+    return L2KVModel(model_path, ModelSettings(n_ctx=64, n_batch=32, n_ubatch=32), None)
+
+
+def run_passkey(
+    model: str | None,
+    cases: Iterable[passkey.PasskeyCase],
+    comps: Iterable[Compression],
+    store: ResultStore,
+    n_predict: int = 12,
+    log: Log = print,
+) -> None:
+    path = resolve_model(model)
+    chat = uses_chat(path)
+    comps = list(comps)
+    with _tokenizer(path) as tok:
+        for case in cases:
+            doc = passkey.build_document(case)
+            n_doc = document_tokens(tok, doc, chat)
+            for comp in comps:
+                config = {**case.as_config(), **_comp_config(comp), "chat": chat, "protocol": PROTOCOL}
+                if store.done("passkey", str(path), config):
+                    continue
+                r = run_qa(path, doc, passkey.question(chat), comp, n_doc, chat, n_predict)
+                s = passkey.score(r.answer, case.key)
+                store.add(
+                    "passkey",
+                    str(path),
+                    config,
+                    {
+                        "score": s,
+                        "answer": r.answer,
+                        "key": case.key,
+                        "n_doc_tokens": n_doc,
+                        "budget": r.budget,
+                        "n_evictions": r.n_evictions,
+                    },
+                )
+                log(
+                    f"passkey {path.name} junk={case.n_junk} depth={case.depth} seed={case.seed} "
+                    f"{comp.policy}@{comp.keep}: {s:.0f} ({r.answer.strip()[:40]!r})"
+                )
+
+
+def run_niah(
+    model: str | None,
+    cases: Iterable[niah.NiahCase],
+    comps: Iterable[Compression],
+    store: ResultStore,
+    n_predict: int = 40,
+    log: Log = print,
+) -> None:
+    path = resolve_model(model)
+    chat = uses_chat(path)
+    comps = list(comps)
+    corpus = niah.corpus_text()
+    with _tokenizer(path) as tok:
+
+        def tokenize(t: str) -> list[int]:
+            return tok.tokenize(t, add_bos=False, special=False)
+
+        def detokenize(ts: list[int]) -> str:
+            return tok.detokenize(ts).decode("utf-8", errors="replace")
+
+        for case in cases:
+            doc = niah.build_document(case, tokenize, detokenize, corpus)
+            n_doc = document_tokens(tok, doc, chat)
+            for comp in comps:
+                config = {**case.as_config(), **_comp_config(comp), "chat": chat, "protocol": PROTOCOL}
+                if store.done("niah", str(path), config):
+                    continue
+                r = run_qa(path, doc, niah.question(chat), comp, n_doc, chat, n_predict)
+                s = niah.score(r.answer)
+                store.add(
+                    "niah",
+                    str(path),
+                    config,
+                    {
+                        "score": s,
+                        "answer": r.answer,
+                        "n_doc_tokens": n_doc,
+                        "budget": r.budget,
+                        "n_evictions": r.n_evictions,
+                        "needle_depth": round(niah.needle_depth(doc), 4),
+                    },
+                )
+                log(
+                    f"niah {path.name} n={case.n_tokens} depth={case.depth} {comp.policy}@{comp.keep}: {s} "
+                    f"({r.answer.strip()[:50]!r})"
+                )
+
+
+def run_ppl(
+    model: str | None,
+    n_tokens: int,
+    comps: Iterable[Compression],
+    store: ResultStore,
+    n_batch: int = 64,
+    log: Log = print,
+) -> None:
+    path = resolve_model(model)
+    with _tokenizer(path) as tok:
+        tokens = text_tokens(tok, niah.corpus_text(), n_tokens)
+    for comp in comps:
+        if comp.policy == "full":
+            continue  # every run carries its own full-cache reference
+        config = {
+            "n_tokens": len(tokens),
+            "n_batch": n_batch,
+            **_comp_config(comp),
+            "protocol": "stream: evict whenever budget + n_batch would be exceeded; KL(full || evicted)",
+        }
+        if store.done("ppl", str(path), config):
+            continue
+        budget = comp.budget(len(tokens))
+        l2kv = L2KVConfig(
+            kv_budget=budget,
+            n_sink=comp.n_sink,
+            n_recent=comp.n_recent,
+            policy=comp.policy,
+            skip_layers=comp.skip_layers,
+            seed=comp.seed,
+        )
+        r = run_perplexity(path, tokens, l2kv, n_batch)
+        window = 128
+        n_win = len(r.nll) // window
+        by_pos = [float(np.exp(r.nll[i * window : (i + 1) * window].mean())) for i in range(n_win)]
+        by_pos_full = [float(np.exp(r.nll_full[i * window : (i + 1) * window].mean())) for i in range(n_win)]
+        store.add(
+            "ppl",
+            str(path),
+            config,
+            {
+                "ppl": r.ppl,
+                "ppl_full": r.ppl_full,
+                "kld_mean": float(r.kld.mean()),
+                "budget": budget,
+                "n_evictions": r.n_evictions,
+                "ppl_by_position": by_pos,
+                "ppl_full_by_position": by_pos_full,
+                "position_window": window,
+            },
+        )
+        log(
+            f"ppl {path.name} {comp.policy}@{comp.keep} (budget {budget}): ppl {r.ppl:.2f} vs full {r.ppl_full:.2f}, "
+            f"KLD {r.kld.mean():.4f}"
+        )

@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Run the evaluation grid on a model and write tables and plots.
+
+    python scripts/eval_sweep.py --model smollm2                 # the documented grid (about 20 min here)
+    python scripts/eval_sweep.py --model gemma3-270m --tasks passkey,ppl
+    python scripts/eval_sweep.py --model smollm2 --grid smoke    # a minute: one case per task
+
+Records go to results/<task>.jsonl (a run whose record exists is skipped, so an interrupted sweep
+resumes); tables and plots go to docs/results/. See docs/results.md for the protocol and findings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import llama_cpp  # noqa: E402,F401  (load libllama before numpy-heavy modules, see l2kv_cpp/_lib.py)
+
+from l2kv_cpp.eval import niah, passkey, report  # noqa: E402
+from l2kv_cpp.eval.results import ResultStore  # noqa: E402
+from l2kv_cpp.eval.tasks import compressions, run_niah, run_passkey, run_ppl  # noqa: E402
+from l2kv_cpp.models import resolve_model  # noqa: E402
+
+GRIDS = {
+    "smoke": {
+        "passkey": [passkey.PasskeyCase(n_junk=24, depth=0.5, seed=0)],
+        "passkey_keeps": (0.5,),
+        "niah": [niah.NiahCase(n_tokens=600, depth=0.5)],
+        "niah_keeps": (0.5,),
+        "ppl_tokens": 512,
+        "ppl_keeps": (0.5,),
+    },
+    "default": {
+        "passkey": [passkey.PasskeyCase(n_junk=64, depth=d, seed=s) for d in (0.1, 0.5, 0.9) for s in (0, 1)],
+        "passkey_keeps": (0.9, 0.7, 0.5, 0.3, 0.1),
+        "niah": [niah.NiahCase(n_tokens=n, depth=d) for n in (1000, 2000) for d in (0.1, 0.5, 0.9)],
+        "niah_keeps": (0.7, 0.5, 0.3),
+        "ppl_tokens": 2048,
+        "ppl_keeps": (0.9, 0.7, 0.5, 0.3, 0.1),
+    },
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--tasks", default="passkey,niah,ppl")
+    ap.add_argument("--grid", default="default", choices=sorted(GRIDS))
+    ap.add_argument("--results", type=Path, default=Path("results"))
+    ap.add_argument("--docs", type=Path, default=Path("docs/results"))
+    args = ap.parse_args()
+
+    grid = GRIDS[args.grid]
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    model_name = resolve_model(args.model).name
+    t0 = time.time()
+    for task in tasks:
+        store = ResultStore(args.results / f"{task}.jsonl")
+        if task == "passkey":
+            run_passkey(args.model, grid["passkey"], compressions(grid["passkey_keeps"]), store)
+        elif task == "niah":
+            run_niah(args.model, grid["niah"], compressions(grid["niah_keeps"]), store)
+        elif task == "ppl":
+            run_ppl(args.model, grid["ppl_tokens"], compressions(grid["ppl_keeps"]), store)
+        else:
+            ap.error(f"unknown task {task!r}")
+        records = list(store.records())
+        stem = f"{Path(model_name).stem}-{task}"
+        if task == "ppl":
+            table = report.ppl_table(records, model_name)
+            keep = 0.5 if 0.5 in grid["ppl_keeps"] else grid["ppl_keeps"][0]
+            report.plot_ppl_by_position(records, model_name, keep, args.docs / f"{stem}-by-position.png")
+        else:
+            table = report.accuracy_table(records, task, model_name)
+            report.plot_accuracy(records, task, model_name, args.docs / f"{stem}.png")
+            if task == "niah":
+                report.plot_needle_heatmaps(records, model_name, 0.5, args.docs / f"{stem}-heatmap.png")
+        (args.docs / f"{stem}.md").write_text(table + "\n")
+        print(f"\n{task} on {model_name}:\n{table}\n", flush=True)
+    print(f"done in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
