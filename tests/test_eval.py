@@ -148,3 +148,30 @@ def test_attention_probe_captures_causal_weights(tiny_model):
     np.testing.assert_allclose(a.sum(axis=-1), 1.0, atol=1e-5)
     assert np.all(np.triu(a, k=1) == 0)  # no attention to future tokens
     assert keys[1].shape == (64, 2, 32)
+
+
+@pytest.mark.slow
+def test_niah_smoke_on_the_demo_model(tmp_path, smollm2_path):
+    from l2kv_cpp.eval.tasks import run_niah
+
+    store = ResultStore(tmp_path / "niah.jsonl")
+    run_niah("smollm2", [niah.NiahCase(600, 0.5)], compressions((0.5,)), store, log=lambda _m: None)
+    recs = {r["config"]["policy"]: r for r in store.records()}
+    assert set(recs) == {"full", "keep-low-norm", "keep-high-norm", "random", "window"}
+    assert recs["full"]["score"] >= 0.5  # the model finds the needle with a full cache
+    for p, r in recs.items():
+        assert r["score"] in (0.0, 0.5, 1.0) and r["config"]["protocol"].startswith("stream-evict")
+        assert abs(r["needle_depth"] - 0.5) < 0.1
+        assert (r["budget"] is None) == (p == "full")
+
+
+@pytest.mark.slow
+def test_attention_analysis_smoke_on_the_demo_model(smollm2_path):
+    from conftest import random_tokens
+
+    from l2kv_cpp.eval.attention import analyse
+
+    losses = analyse(smollm2_path, random_tokens(128, low=100, high=20000), keep=0.5, n_queries=16)
+    assert len(losses) == 30 * 3
+    for x in losses:
+        assert 0 <= x.loss_ideal <= x.loss_norm + 1e-9 <= 1 + 1e-6  # the ideal eviction loses the least
