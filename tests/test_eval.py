@@ -175,3 +175,26 @@ def test_attention_analysis_smoke_on_the_demo_model(smollm2_path):
     assert len(losses) == 30 * 3
     for x in losses:
         assert 0 <= x.loss_ideal <= x.loss_norm + 1e-9 <= 1 + 1e-6  # the ideal eviction loses the least
+
+
+def test_case_and_policy_seeds_do_not_collide(tmp_path, monkeypatch):
+    """Regression: the compression's seed once overwrote the passkey case's seed in the record config,
+    so cases differing only by seed were skipped as already done."""
+    import l2kv_cpp.eval.tasks as tasks
+    from l2kv_cpp.eval.qa import QAResult
+
+    calls = []
+    monkeypatch.setattr(
+        tasks,
+        "run_qa",
+        lambda path, doc, q, comp, n_doc, chat, n: (calls.append(doc), QAResult("1", n_doc, comp.budget(n_doc), 0, 0))[
+            1
+        ],
+    )
+    monkeypatch.setattr(tasks, "uses_chat", lambda path: False)
+    cases = [passkey.PasskeyCase(n_junk=8, depth=0.5, seed=s) for s in (0, 1)]
+    store = ResultStore(tmp_path / "p.jsonl")
+    tasks.run_passkey(None, cases, compressions((0.5,), ("random",)), store, log=lambda _m: None)
+    assert len(calls) == 2 * 2
+    seeds = {(r["config"]["seed"], r["config"]["policy_seed"]) for r in store.records()}
+    assert seeds == {(0, 0), (1, 0)}

@@ -47,6 +47,7 @@ def uses_chat(model_path: Path) -> bool:
 def _comp_config(c: Compression) -> dict[str, Any]:
     d = asdict(c)
     d["skip_layers"] = list(c.skip_layers) if c.skip_layers is not None else "default"
+    d["policy_seed"] = d.pop("seed")  # "seed" belongs to the case (e.g. the passkey)
     return d
 
 
