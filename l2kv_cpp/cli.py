@@ -488,7 +488,7 @@ def eval_attention(
     """Attention mass norm-based eviction drops vs. the ideal eviction, per layer and KV head (ALr)."""
     from pathlib import Path
 
-    from .eval.attention import analyse, plot_alr, recommend_skip_layers
+    from .eval.attention import analyse, capture, norm_attention_correlation, plot_alr, recommend_skip_layers
     from .eval.niah import corpus_text
     from .models import resolve_model
     from .session import L2KVModel, ModelSettings
@@ -496,7 +496,9 @@ def eval_attention(
     path = resolve_model(model)
     with L2KVModel(path, ModelSettings(n_ctx=64, n_batch=32, n_ubatch=32), None) as tok:
         tokens = tok.tokenize(corpus_text(), add_bos=tok.add_bos, special=False)[:n_tokens]
-    losses = analyse(path, tokens, keep, n_queries)
+    captured = capture(path, tokens)
+    losses = analyse(path, tokens, keep, n_queries, captured=captured)
+    corr = norm_attention_correlation(captured[0], captured[1], captured[2], len(tokens))
     if as_json:
         for x in losses:
             click.echo(
@@ -518,6 +520,10 @@ def eval_attention(
             f"ALr per layer (mean over KV heads), keep {keep:.0%}, {len(tokens)} tokens, last {n_queries} queries:"
         )
         click.echo(" ".join(f"{il}:{sum(v) / len(v):.3f}" for il, v in sorted(by_layer.items())))
+        click.echo(
+            "Spearman correlation of key norm and attention received, per layer (negative = the paper's premise):"
+        )
+        click.echo(" ".join(f"{il}:{c:+.2f}" for il, c in corr.items()))
         from .info import read_model_info
 
         budgeted = {lay.il for lay in read_model_info(path).full_layers}  # sliding-window layers are never budgeted

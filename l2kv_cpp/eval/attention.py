@@ -116,8 +116,10 @@ def capture(model_path: Path, tokens: list[int]) -> tuple[dict[int, np.ndarray],
         lc.llama_model_free(model)
 
 
-def analyse(model_path: Path, tokens: list[int], keep: float, n_queries: int = 64) -> list[LayerHeadLoss]:
-    attn, keys, n_head_kv = capture(model_path, tokens)
+def analyse(
+    model_path: Path, tokens: list[int], keep: float, n_queries: int = 64, captured: tuple | None = None
+) -> list[LayerHeadLoss]:
+    attn, keys, n_head_kv = captured if captured is not None else capture(model_path, tokens)
     n = len(tokens)
     queries = np.arange(max(0, n - n_queries), n)
     out = []
@@ -129,6 +131,30 @@ def analyse(model_path: Path, tokens: list[int], keep: float, n_queries: int = 6
             a_h = a[h * group : (h + 1) * group].mean(axis=0)
             ln, li = attention_loss(a_h, norms[:, h], keep, queries)
             out.append(LayerHeadLoss(il, h, ln, li))
+    return out
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    return np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(np.float64)
+
+
+def norm_attention_correlation(
+    attn: dict[int, np.ndarray], keys: dict[int, np.ndarray], n_head_kv: int, n: int
+) -> dict[int, float]:
+    """Per layer, the Spearman correlation between a key's L2 norm and the attention it receives from
+    later queries (keys of the first half, queries of the second half; mean over KV heads). The paper's
+    premise is that it is negative: low-norm keys draw high attention."""
+    half = n // 2
+    out = {}
+    for il in sorted(attn):
+        a = attn[il][:, :, :n]
+        group = a.shape[0] // n_head_kv
+        norms = np.linalg.norm(keys[il].astype(np.float64), axis=-1)
+        cs = []
+        for h in range(n_head_kv):
+            received = a[h * group : (h + 1) * group, half:, :half].mean(axis=(0, 1))
+            cs.append(float(np.corrcoef(_ranks(norms[:half, h]), _ranks(received))[0, 1]))
+        out[il] = float(np.mean(cs))
     return out
 
 
