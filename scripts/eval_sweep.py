@@ -35,7 +35,9 @@ GRIDS = {
         "ppl_keeps": (0.5,),
     },
     "default": {
-        "passkey": [passkey.PasskeyCase(n_junk=64, depth=d, seed=s) for d in (0.1, 0.5, 0.9) for s in (0, 1)],
+        "passkey": [
+            passkey.PasskeyCase(n_junk=n, depth=d, seed=s) for n in (32, 64) for d in (0.1, 0.5, 0.9) for s in (0, 1)
+        ],
         "passkey_keeps": (0.9, 0.7, 0.5, 0.3, 0.1),
         "niah": [niah.NiahCase(n_tokens=n, depth=d) for n in (1000, 2000) for d in (0.1, 0.5, 0.9)],
         "niah_keeps": (0.7, 0.5, 0.3),
