@@ -491,10 +491,10 @@ def eval_attention(
     from .eval.attention import analyse, capture, norm_attention_correlation, plot_alr, recommend_skip_layers
     from .eval.niah import corpus_text
     from .models import resolve_model
-    from .session import L2KVModel, ModelSettings
+    from .session import open_tokenizer
 
     path = resolve_model(model)
-    with L2KVModel(path, ModelSettings(n_ctx=64, n_batch=32, n_ubatch=32), None) as tok:
+    with open_tokenizer(path) as tok:
         tokens = tok.tokenize(corpus_text(), add_bos=tok.add_bos, special=False)[:n_tokens]
     captured = capture(path, tokens)
     losses = analyse(path, tokens, keep, n_queries, captured=captured)

@@ -29,9 +29,15 @@ class GenerationStep:
     is_eog: bool  # an end-of-generation token (already fed; its text is not part of the answer)
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Natural-log probabilities over the last axis, in float64."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
 def _logprob(logits: np.ndarray, token: int) -> float:
-    m = float(logits.max())
-    return float(logits[token] - m - np.log(np.exp(logits - m, dtype=np.float64).sum()))
+    return float(log_softmax(logits)[token])
 
 
 def generate_step(

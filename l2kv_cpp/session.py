@@ -200,3 +200,8 @@ class L2KVModel:
             "full_cache_mib": per_token * self.n_past / 2**20,
             "tokens_seen": float(self.n_past),
         }
+
+
+def open_tokenizer(model_path: str | os.PathLike[str]) -> L2KVModel:
+    """A minimal context on the model, for tokenizing and chat templates (no eviction)."""
+    return L2KVModel(model_path, ModelSettings(n_ctx=64, n_batch=32, n_ubatch=32), l2kv=None)

@@ -11,7 +11,7 @@ from l2kv_cpp.eval import niah, passkey
 from l2kv_cpp.eval.qa import Compression
 from l2kv_cpp.eval.results import ResultStore
 from l2kv_cpp.eval.tasks import compressions, run_passkey, run_ppl
-from l2kv_cpp.session import L2KVModel, ModelSettings
+from l2kv_cpp.session import open_tokenizer
 
 
 def test_passkey_document_puts_the_key_at_the_requested_depth():
@@ -41,7 +41,7 @@ def test_niah_score_counts_the_needle_facts():
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer(smollm2_path):
-    with L2KVModel(smollm2_path, ModelSettings(n_ctx=64, n_batch=32, n_ubatch=32), None) as tok:
+    with open_tokenizer(smollm2_path) as tok:
         yield tok
 
 

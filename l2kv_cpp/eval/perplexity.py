@@ -16,6 +16,7 @@ import numpy as np
 from .. import _lib
 from ..config import L2KVConfig
 from ..decode import decode
+from ..generate import log_softmax
 from ..session import L2KVModel, ModelSettings
 
 
@@ -33,12 +34,6 @@ class PerplexityResult:
     @property
     def ppl_full(self) -> float:
         return float(np.exp(self.nll_full.mean()))
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def _chunk_logits(llm, n: int, n_vocab: int) -> np.ndarray:
@@ -66,8 +61,8 @@ def run_perplexity(
             chunk = tokens[start : start + n_batch]
             decode(m.llm, chunk, start, logits="all")
             decode(ref.llm, chunk, start, logits="all")
-            lp = _log_softmax(_chunk_logits(m.llm, len(chunk), n_vocab))
-            lq = _log_softmax(_chunk_logits(ref.llm, len(chunk), n_vocab))
+            lp = log_softmax(_chunk_logits(m.llm, len(chunk), n_vocab))
+            lq = log_softmax(_chunk_logits(ref.llm, len(chunk), n_vocab))
             nxt = tokens[start + 1 : start + len(chunk) + 1]
             k = len(nxt)  # the last token of the text has no next token
             rows = np.arange(k)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import L2KVConfig
 from ..models import KNOWN_MODELS, resolve_model
-from ..session import L2KVModel, ModelSettings
+from ..session import open_tokenizer
 from . import niah, passkey
 from .perplexity import run_perplexity, text_tokens
 from .qa import POLICIES, PROTOCOL, Compression, document_tokens, run_qa
@@ -40,7 +40,7 @@ def uses_chat(model_path: Path) -> bool:
     for m in KNOWN_MODELS.values():
         if m.path == model_path:
             return m.use_chat_template
-    with L2KVModel(model_path, ModelSettings(n_batch=32, n_ubatch=32), None) as tok:
+    with open_tokenizer(model_path) as tok:
         return tok.has_chat_template
 
 
@@ -49,10 +49,6 @@ def _comp_config(c: Compression) -> dict[str, Any]:
     d["skip_layers"] = list(c.skip_layers) if c.skip_layers is not None else "default"
     d["policy_seed"] = d.pop("seed")  # "seed" belongs to the case (e.g. the passkey)
     return d
-
-
-def _tokenizer(model_path: Path) -> L2KVModel:
-    return L2KVModel(model_path, ModelSettings(n_ctx=64, n_batch=32, n_ubatch=32), None)
 
 
 def run_passkey(
@@ -66,7 +62,7 @@ def run_passkey(
     path = resolve_model(model)
     chat = uses_chat(path)
     comps = list(comps)
-    with _tokenizer(path) as tok:
+    with open_tokenizer(path) as tok:
         for case in cases:
             doc = passkey.build_document(case)
             n_doc = document_tokens(tok, doc, chat)
@@ -107,7 +103,7 @@ def run_niah(
     chat = uses_chat(path)
     comps = list(comps)
     corpus = niah.corpus_text()
-    with _tokenizer(path) as tok:
+    with open_tokenizer(path) as tok:
 
         def tokenize(t: str) -> list[int]:
             return tok.tokenize(t, add_bos=False, special=False)
@@ -152,7 +148,7 @@ def run_ppl(
     log: Log = print,
 ) -> None:
     path = resolve_model(model)
-    with _tokenizer(path) as tok:
+    with open_tokenizer(path) as tok:
         tokens = text_tokens(tok, niah.corpus_text(), n_tokens)
     for comp in comps:
         if comp.policy == "full":
