@@ -134,6 +134,22 @@ class Conversation:
             self.document = None
             self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": "".join(answer)}]
 
+    def feed_question(self, text: str, progress: ProgressFn | None = None) -> int:
+        """Feed a user turn (with the generation prompt) without generating; returns the tokens fed.
+
+        For protocols that compress the cache between the question and the answer; the turn is
+        recorded with an empty answer.
+        """
+        content = self._user_content(text) if self.chat else text
+        if self.chat:
+            target = self._render([*self.messages, {"role": "user", "content": content}], add_generation_prompt=True)
+        else:
+            target = self.fed_text + text
+        n = self._feed(target, progress)
+        self.document = None
+        self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": ""}]
+        return n
+
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
         self.model.reset()

@@ -367,6 +367,11 @@ def _eval_common(fn: Callable[..., Any]) -> Callable[..., Any]:
                 show_default=True,
                 help="folder of the <task>.jsonl records (existing runs are skipped)",
             ),
+            click.option(
+                "--question-first",
+                is_flag=True,
+                help="compress the question with the document (default: append it after compression)",
+            ),
         ]
     ):
         fn = opt(fn)
@@ -402,6 +407,7 @@ def eval_passkey(
     n_sink: int,
     n_recent: int,
     out: str,
+    question_first: bool,
     n_junk: int,
     depths: str,
     seeds: int,
@@ -420,6 +426,7 @@ def eval_passkey(
         _comps(keeps, policies, n_sink, n_recent),
         ResultStore(Path(out) / "passkey.jsonl"),
         log=click.echo,
+        question_first=question_first,
     )
 
 
@@ -429,7 +436,15 @@ def eval_passkey(
 @click.option("--depths", default="0.1,0.5,0.9", show_default=True)
 @_errors_as_one_line
 def eval_niah(
-    model: str | None, keeps: str, policies: str, n_sink: int, n_recent: int, out: str, lengths: str, depths: str
+    model: str | None,
+    keeps: str,
+    policies: str,
+    n_sink: int,
+    n_recent: int,
+    out: str,
+    question_first: bool,
+    lengths: str,
+    depths: str,
 ) -> None:
     """Needle in a haystack on the Paul Graham essays; score = fraction of the needle's two facts."""
     from pathlib import Path
@@ -440,7 +455,12 @@ def eval_niah(
 
     cases = [niah.NiahCase(int(n), d) for n in _floats(lengths, "--lengths") for d in _floats(depths, "--depths")]
     run_niah(
-        model, cases, _comps(keeps, policies, n_sink, n_recent), ResultStore(Path(out) / "niah.jsonl"), log=click.echo
+        model,
+        cases,
+        _comps(keeps, policies, n_sink, n_recent),
+        ResultStore(Path(out) / "niah.jsonl"),
+        log=click.echo,
+        question_first=question_first,
     )
 
 
@@ -448,8 +468,19 @@ def eval_niah(
 @_eval_common
 @click.option("--n-tokens", default=2048, show_default=True, type=click.IntRange(min=64))
 @_errors_as_one_line
-def eval_ppl(model: str | None, keeps: str, policies: str, n_sink: int, n_recent: int, out: str, n_tokens: int) -> None:
+def eval_ppl(
+    model: str | None,
+    keeps: str,
+    policies: str,
+    n_sink: int,
+    n_recent: int,
+    out: str,
+    question_first: bool,
+    n_tokens: int,
+) -> None:
     """Perplexity on the essays as the cache streams and evicts, with KL divergence against a full cache."""
+    if question_first:
+        raise click.UsageError("--question-first applies to passkey and niah (perplexity has no question)")
     from pathlib import Path
 
     from .eval.results import ResultStore

@@ -198,3 +198,16 @@ def test_case_and_policy_seeds_do_not_collide(tmp_path, monkeypatch):
     assert len(calls) == 2 * 2
     seeds = {(r["config"]["seed"], r["config"]["policy_seed"]) for r in store.records()}
     assert seeds == {(0, 0), (1, 0)}
+
+
+@pytest.mark.slow
+def test_question_first_protocol_compresses_the_question_too(tmp_path, smollm2_path):
+    store = ResultStore(tmp_path / "passkey.jsonl")
+    case = passkey.PasskeyCase(n_junk=24, depth=0.5, seed=0)
+    run_passkey("smollm2", [case], compressions((0.5,), ("window",)), store, log=lambda _m: None, question_first=True)
+    recs = {r["config"]["policy"]: r for r in store.records()}
+    assert all("question before compression" in r["config"]["protocol"] for r in recs.values())
+    assert recs["full"]["score"] == 1.0
+    # the default protocol is a different run, not a skipped one
+    run_passkey("smollm2", [case], compressions((0.5,), ("window",)), store, log=lambda _m: None)
+    assert len(list(store.records())) == 4

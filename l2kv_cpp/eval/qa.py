@@ -6,7 +6,8 @@ Protocol (stated in every record as `protocol`):
 2. after the document, the cache is compressed to exactly the budget (`evict_now`);
 3. the question is appended after compression and the answer, including its first token, is
    generated from the compressed cache (stricter than the paper's code, which took the first
-   token from the uncompressed pass).
+   token from the uncompressed pass). With `question_first`, the question is part of the prompt
+   that streams in and is compressed; generation still starts after the compression.
 The budget is `round(keep * n_document_tokens)`; `policy = "full"` runs with no eviction.
 """
 
@@ -18,10 +19,15 @@ from pathlib import Path
 from .. import cache
 from ..chat import Conversation
 from ..config import L2KVConfig
+from ..generate import stream_generate
 from ..sampling import SamplingSettings
 from ..session import L2KVModel, ModelSettings
 
 PROTOCOL = "stream-evict-then-compress; question after compression; first answer token after eviction"
+PROTOCOL_QUESTION_FIRST = (
+    "stream-evict-then-compress; question before compression (compressed with the "
+    "document); first answer token after eviction"
+)
 GREEDY = SamplingSettings(temperature=0.0)
 POLICIES = ("keep-low-norm", "keep-high-norm", "random", "window")
 
@@ -82,12 +88,21 @@ def run_qa(
     chat: bool,
     n_predict: int,
     n_batch: int = 256,
+    question_first: bool = False,
 ) -> QAResult:
     settings = ModelSettings(
         n_batch=n_batch, n_ubatch=n_batch, n_ctx=0 if comp.policy != "full" else n_doc + n_predict + 512
     )
     with L2KVModel(model_path, settings, comp.l2kv(n_doc)) as m:
         conv = Conversation(m, chat=chat)
+        if question_first:
+            conv.load_document(document)
+            n_prompt = conv.feed_question(question)  # streams in like the document
+            if m.l2kv is not None:
+                cache.evict_now(m.llm.ctx)
+            cells = m.stats().n_cells_used
+            answer = "".join(r.text for r in stream_generate(m, [], GREEDY, n_predict, n_prompt_fed=n_prompt))
+            return QAResult(answer, n_doc, comp.budget(n_doc), m.stats().n_evictions, cells)
         conv.load_document(document)
         if m.l2kv is not None:
             cache.evict_now(m.llm.ctx)

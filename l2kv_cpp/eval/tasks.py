@@ -19,7 +19,7 @@ from ..models import KNOWN_MODELS, resolve_model
 from ..session import open_tokenizer
 from . import niah, passkey
 from .perplexity import run_perplexity, text_tokens
-from .qa import POLICIES, PROTOCOL, Compression, document_tokens, run_qa
+from .qa import POLICIES, PROTOCOL, PROTOCOL_QUESTION_FIRST, Compression, document_tokens, run_qa
 from .results import ResultStore
 
 KEEP_RATIOS = (0.9, 0.7, 0.5, 0.3, 0.1)
@@ -58,6 +58,7 @@ def run_passkey(
     store: ResultStore,
     n_predict: int = 12,
     log: Log = print,
+    question_first: bool = False,
 ) -> None:
     path = resolve_model(model)
     chat = uses_chat(path)
@@ -67,10 +68,17 @@ def run_passkey(
             doc = passkey.build_document(case)
             n_doc = document_tokens(tok, doc, chat)
             for comp in comps:
-                config = {**case.as_config(), **_comp_config(comp), "chat": chat, "protocol": PROTOCOL}
+                config = {
+                    **case.as_config(),
+                    **_comp_config(comp),
+                    "chat": chat,
+                    "protocol": PROTOCOL_QUESTION_FIRST if question_first else PROTOCOL,
+                }
                 if store.done("passkey", str(path), config):
                     continue
-                r = run_qa(path, doc, passkey.question(chat), comp, n_doc, chat, n_predict)
+                r = run_qa(
+                    path, doc, passkey.question(chat), comp, n_doc, chat, n_predict, question_first=question_first
+                )
                 s = passkey.score(r.answer, case.key)
                 store.add(
                     "passkey",
@@ -98,6 +106,7 @@ def run_niah(
     store: ResultStore,
     n_predict: int = 40,
     log: Log = print,
+    question_first: bool = False,
 ) -> None:
     path = resolve_model(model)
     chat = uses_chat(path)
@@ -115,10 +124,15 @@ def run_niah(
             doc = niah.build_document(case, tokenize, detokenize, corpus)
             n_doc = document_tokens(tok, doc, chat)
             for comp in comps:
-                config = {**case.as_config(), **_comp_config(comp), "chat": chat, "protocol": PROTOCOL}
+                config = {
+                    **case.as_config(),
+                    **_comp_config(comp),
+                    "chat": chat,
+                    "protocol": PROTOCOL_QUESTION_FIRST if question_first else PROTOCOL,
+                }
                 if store.done("niah", str(path), config):
                     continue
-                r = run_qa(path, doc, niah.question(chat), comp, n_doc, chat, n_predict)
+                r = run_qa(path, doc, niah.question(chat), comp, n_doc, chat, n_predict, question_first=question_first)
                 s = niah.score(r.answer)
                 store.add(
                     "niah",
