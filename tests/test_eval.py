@@ -184,13 +184,12 @@ def test_case_and_policy_seeds_do_not_collide(tmp_path, monkeypatch):
     from l2kv_cpp.eval.qa import QAResult
 
     calls = []
-    monkeypatch.setattr(
-        tasks,
-        "run_qa",
-        lambda path, doc, q, comp, n_doc, chat, n: (calls.append(doc), QAResult("1", n_doc, comp.budget(n_doc), 0, 0))[
-            1
-        ],
-    )
+
+    def fake_run_qa(path, doc, q, comp, n_doc, chat, n, **kwargs):
+        calls.append(doc)
+        return QAResult("1", n_doc, comp.budget(n_doc), 0, 0)
+
+    monkeypatch.setattr(tasks, "run_qa", fake_run_qa)
     monkeypatch.setattr(tasks, "uses_chat", lambda path: False)
     cases = [passkey.PasskeyCase(n_junk=8, depth=0.5, seed=s) for s in (0, 1)]
     store = ResultStore(tmp_path / "p.jsonl")
