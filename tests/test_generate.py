@@ -22,12 +22,7 @@ BUDGET = L2KVConfig(kv_budget=64, n_sink=2, n_recent=4)
 def test_steps_are_greedy_argmax_with_their_logprob(tiny_model):
     with L2KVModel(tiny_model, SMALL, BUDGET) as m:
         prompt = m.tokenize("hello", add_bos=True, special=False)
-        gen = generate_step(m, prompt, GREEDY, max_tokens=5)
-        m_logits = []
-        steps = []
-        for step in gen:
-            steps.append(step)
-            m_logits.append(None)
+        steps = list(generate_step(m, prompt, GREEDY, max_tokens=5))
         assert len(steps) == 5
     # reference: the same model without eviction, argmax by hand
     with L2KVModel(tiny_model, SMALL, l2kv=None) as ref:
