@@ -15,7 +15,15 @@ from typing import Any
 import click
 
 from . import __version__
+from .config import L2KVConfig, Policy
 from .errors import L2KVError
+from .sampling import SamplingSettings
+from .session import CACHE_TYPES, ModelSettings
+
+# defaults shown by --help come from the settings dataclasses (pinned to the C library by tests)
+L2KV_DEFAULTS = L2KVConfig()
+MODEL_DEFAULTS = ModelSettings()
+SAMPLING_DEFAULTS = SamplingSettings()
 
 
 def _errors_as_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -62,7 +70,7 @@ def doctor(model: str | None) -> None:
     checks = run_checks(on_check=show)
     if model is not None:
         from .models import resolve_model
-        from .session import L2KVModel, ModelSettings
+        from .session import L2KVModel
 
         path = resolve_model(model)
         with L2KVModel(path, ModelSettings(n_batch=64, n_ubatch=64), l2kv=None) as m:
@@ -115,140 +123,146 @@ def models(fetch: tuple[str, ...], force: bool, as_json: bool) -> None:
             click.echo(f"{'':<22} {st.problem()}")
 
 
+def _options(*options: Callable[..., Any]) -> Callable[..., Any]:
+    """Apply click options in the order written (the first one is listed first in --help)."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+
+    return decorate
+
+
 def _sampling_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    for opt in reversed(
-        [
-            click.option(
-                "--temp",
-                default=0.8,
-                show_default=True,
-                type=click.FloatRange(min=0.0),
-                help="temperature (0 = greedy)",
-            ),
-            click.option("--top-k", default=40, show_default=True, type=click.IntRange(min=0), help="0 = off"),
-            click.option(
-                "--top-p",
-                default=0.95,
-                show_default=True,
-                type=click.FloatRange(0.0, 1.0, min_open=True),
-                help="1 = off",
-            ),
-            click.option("--min-p", default=0.05, show_default=True, type=click.FloatRange(0.0, 1.0), help="0 = off"),
-            click.option(
-                "--repeat-penalty",
-                default=1.0,
-                show_default=True,
-                type=click.FloatRange(min=0.0, min_open=True),
-                help="1 = off",
-            ),
-            click.option(
-                "-s",
-                "--seed",
-                default=-1,
-                show_default=True,
-                type=click.IntRange(min=-1, max=2**32 - 1),
-                help="sampling seed (-1 = random)",
-            ),
-        ]
-    ):
-        fn = opt(fn)
-    return fn
+    d = SAMPLING_DEFAULTS
+    return _options(
+        click.option(
+            "--temp",
+            default=d.temperature,
+            show_default=True,
+            type=click.FloatRange(min=0.0),
+            help="temperature (0 = greedy)",
+        ),
+        click.option("--top-k", default=d.top_k, show_default=True, type=click.IntRange(min=0), help="0 = off"),
+        click.option(
+            "--top-p",
+            default=d.top_p,
+            show_default=True,
+            type=click.FloatRange(0.0, 1.0, min_open=True),
+            help="1 = off",
+        ),
+        click.option("--min-p", default=d.min_p, show_default=True, type=click.FloatRange(0.0, 1.0), help="0 = off"),
+        click.option(
+            "--repeat-penalty",
+            default=d.repeat_penalty,
+            show_default=True,
+            type=click.FloatRange(min=0.0, min_open=True),
+            help="1 = off",
+        ),
+        click.option(
+            "-s",
+            "--seed",
+            default=-1,
+            show_default=True,
+            type=click.IntRange(min=-1, max=2**32 - 1),
+            help="sampling seed (-1 = random)",
+        ),
+    )(fn)
 
 
 def _eviction_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    from .config import Policy
-
-    policies = [p.name.lower().replace("_", "-") for p in Policy]
-    for opt in reversed(
-        [
-            click.option(
-                "--kv-budget",
-                default=4096,
-                show_default=True,
-                type=int,
-                help="KV entries kept per layer and head after an eviction",
-            ),
-            click.option(
-                "--policy",
-                default="keep-low-norm",
-                show_default=True,
-                type=click.Choice(policies),
-                help="what an eviction keeps (keep-low-norm is the paper's L2 rule)",
-            ),
-            click.option("--n-sink", default=4, show_default=True, type=int, help="first tokens never evicted"),
-            click.option("--n-recent", default=32, show_default=True, type=int, help="newest tokens never evicted"),
-            click.option(
-                "--per-head/--per-layer",
-                default=True,
-                show_default=True,
-                help="choose per KV head (paper) or once per layer",
-            ),
-            click.option(
-                "--skip-layers",
-                default="0,1",
-                show_default=True,
-                help="layers that keep sinks + recent tokens instead ('none' for none)",
-            ),
-        ]
-    ):
-        fn = opt(fn)
-    return fn
+    d = L2KV_DEFAULTS
+    return _options(
+        click.option(
+            "--kv-budget",
+            default=d.kv_budget,
+            show_default=True,
+            type=int,
+            help="KV entries kept per layer and head after an eviction",
+        ),
+        click.option(
+            "--policy",
+            default=d.policy.cli_name,
+            show_default=True,
+            type=click.Choice([p.cli_name for p in Policy]),
+            help="what an eviction keeps (keep-low-norm is the paper's L2 rule)",
+        ),
+        click.option("--n-sink", default=d.n_sink, show_default=True, type=int, help="first tokens never evicted"),
+        click.option("--n-recent", default=d.n_recent, show_default=True, type=int, help="newest tokens never evicted"),
+        click.option(
+            "--per-head/--per-layer",
+            default=d.per_head,
+            show_default=True,
+            help="choose per KV head (paper) or once per layer",
+        ),
+        click.option(
+            "--skip-layers",
+            default=",".join(map(str, d.effective_skip_layers)),
+            show_default=True,
+            help="layers that keep sinks + recent tokens instead ('none' for none)",
+        ),
+    )(fn)
 
 
 def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    from .session import CACHE_TYPES
-
-    for opt in reversed(
-        [
-            click.option(
-                "-c",
-                "--ctx-size",
-                default=0,
-                show_default=True,
-                type=click.IntRange(min=0),
-                help="KV cells; 0 = kv-budget + batch-size",
-            ),
-            click.option(
-                "-b",
-                "--batch-size",
-                default=512,
-                show_default=True,
-                type=click.IntRange(min=1),
-                help="tokens per decode call (and the eviction slack)",
-            ),
-            click.option(
-                "-ub",
-                "--ubatch-size",
-                default=512,
-                show_default=True,
-                type=click.IntRange(min=1),
-                help="physical batch size",
-            ),
-            click.option(
-                "-ngl", "--n-gpu-layers", default=0, show_default=True, type=int, help="layers on the GPU (-1 = all)"
-            ),
-            click.option(
-                "-fa",
-                "--flash-attn",
-                default="on",
-                show_default=True,
-                type=click.Choice(["on", "off"]),
-                help="flash attention (eviction needs it on)",
-            ),
-            click.option("-ctk", "--cache-type-k", default="f16", show_default=True, type=click.Choice(CACHE_TYPES)),
-            click.option("-ctv", "--cache-type-v", default="f16", show_default=True, type=click.Choice(CACHE_TYPES)),
-            click.option(
-                "-t",
-                "--threads",
-                default=None,
-                type=click.IntRange(min=1),
-                help="CPU threads [default: physical cores]",
-            ),
-            click.option("-v", "--verbose", is_flag=True, help="show llama.cpp's log"),
-        ]
-    ):
-        fn = opt(fn)
-    return fn
+    d = MODEL_DEFAULTS
+    return _options(
+        click.option(
+            "-c",
+            "--ctx-size",
+            default=d.n_ctx,
+            show_default=True,
+            type=click.IntRange(min=0),
+            help="KV cells; 0 = kv-budget + batch-size",
+        ),
+        click.option(
+            "-b",
+            "--batch-size",
+            default=d.n_batch,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="tokens per decode call (and the eviction slack)",
+        ),
+        click.option(
+            "-ub",
+            "--ubatch-size",
+            default=d.n_ubatch,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="physical batch size",
+        ),
+        click.option(
+            "-ngl",
+            "--n-gpu-layers",
+            default=d.n_gpu_layers,
+            show_default=True,
+            type=int,
+            help="layers on the GPU (-1 = all)",
+        ),
+        click.option(
+            "-fa",
+            "--flash-attn",
+            default="on",
+            show_default=True,
+            type=click.Choice(["on", "off"]),
+            help="flash attention (eviction needs it on)",
+        ),
+        click.option(
+            "-ctk", "--cache-type-k", default=d.cache_type_k, show_default=True, type=click.Choice(CACHE_TYPES)
+        ),
+        click.option(
+            "-ctv", "--cache-type-v", default=d.cache_type_v, show_default=True, type=click.Choice(CACHE_TYPES)
+        ),
+        click.option(
+            "-t",
+            "--threads",
+            default=None,
+            type=click.IntRange(min=1),
+            help="CPU threads [default: physical cores]",
+        ),
+        click.option("-v", "--verbose", is_flag=True, help="show llama.cpp's log"),
+    )(fn)
 
 
 @main.command()
@@ -303,9 +317,9 @@ def run(
 
 @main.command()
 @click.argument("model", required=False)
-@click.option("--kv-budget", default=4096, show_default=True, type=click.IntRange(min=1))
-@click.option("-b", "--batch-size", default=512, show_default=True, type=click.IntRange(min=1))
-@click.option("-ub", "--ubatch-size", default=512, show_default=True, type=click.IntRange(min=1))
+@click.option("--kv-budget", default=L2KV_DEFAULTS.kv_budget, show_default=True, type=click.IntRange(min=1))
+@click.option("-b", "--batch-size", default=MODEL_DEFAULTS.n_batch, show_default=True, type=click.IntRange(min=1))
+@click.option("-ub", "--ubatch-size", default=MODEL_DEFAULTS.n_ubatch, show_default=True, type=click.IntRange(min=1))
 @_errors_as_one_line
 def info(model: str | None, kv_budget: int, batch_size: int, ubatch_size: int) -> None:
     """Attention layout of MODEL and its KV memory with eviction vs. a full context."""
@@ -347,35 +361,32 @@ def eval_group() -> None:
 
 
 def _eval_common(fn: Callable[..., Any]) -> Callable[..., Any]:
-    for opt in reversed(
-        [
-            click.argument("model", required=False),
-            click.option(
-                "--keep",
-                "keeps",
-                default="0.9,0.7,0.5,0.3,0.1",
-                show_default=True,
-                help="comma-separated fractions of the KV entries kept",
-            ),
-            click.option("--policies", default="keep-low-norm,keep-high-norm,random,window", show_default=True),
-            click.option("--n-sink", default=4, show_default=True, type=click.IntRange(min=0)),
-            click.option("--n-recent", default=32, show_default=True, type=click.IntRange(min=0)),
-            click.option(
-                "--out",
-                type=click.Path(file_okay=False),
-                default="results",
-                show_default=True,
-                help="folder of the <task>.jsonl records (existing runs are skipped)",
-            ),
-            click.option(
-                "--question-first",
-                is_flag=True,
-                help="compress the question with the document (default: append it after compression)",
-            ),
-        ]
-    ):
-        fn = opt(fn)
-    return fn
+    d = L2KV_DEFAULTS
+    return _options(
+        click.argument("model", required=False),
+        click.option(
+            "--keep",
+            "keeps",
+            default="0.9,0.7,0.5,0.3,0.1",
+            show_default=True,
+            help="comma-separated fractions of the KV entries kept",
+        ),
+        click.option("--policies", default=",".join(p.cli_name for p in Policy), show_default=True),
+        click.option("--n-sink", default=d.n_sink, show_default=True, type=click.IntRange(min=0)),
+        click.option("--n-recent", default=d.n_recent, show_default=True, type=click.IntRange(min=0)),
+        click.option(
+            "--out",
+            type=click.Path(file_okay=False),
+            default="results",
+            show_default=True,
+            help="folder of the <task>.jsonl records (existing runs are skipped)",
+        ),
+        click.option(
+            "--question-first",
+            is_flag=True,
+            help="compress the question with the document (default: append it after compression)",
+        ),
+    )(fn)
 
 
 def _floats(text: str, name: str) -> list[float]:

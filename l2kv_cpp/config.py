@@ -20,6 +20,11 @@ class Policy(IntEnum):
     RANDOM = 2  # seeded; depends only on (seed, layer, head, position)
     WINDOW = 3  # sinks + most recent tokens (StreamingLLM)
 
+    @property
+    def cli_name(self) -> str:
+        """The name used on the command line and in evaluation records, e.g. "keep-low-norm"."""
+        return self.name.lower().replace("_", "-")
+
     @classmethod
     def parse(cls, value: str | int | Policy) -> Policy:
         if isinstance(value, cls):
@@ -31,7 +36,7 @@ class Policy(IntEnum):
         try:
             return cls[aliases.get(name, name)]
         except KeyError:
-            choices = ", ".join(p.name.lower().replace("_", "-") for p in cls)
+            choices = ", ".join(p.cli_name for p in cls)
             raise InvalidParamsError(f"policy {value!r} is not one of: {choices}") from None
 
 

@@ -10,12 +10,7 @@ from l2kv_cpp import _lib, cache
 from l2kv_cpp.config import L2KVConfig
 from l2kv_cpp.decode import decode, logits_ith
 from l2kv_cpp.errors import InvalidParamsError, UnsupportedModelError
-
-
-def _ggml_type(name: str) -> int:
-    import gguf  # ggml's type ids (llama-cpp-python lacks some, e.g. BF16)
-
-    return int(gguf.GGMLQuantizationType[name.upper()])
+from l2kv_cpp.session import ggml_type_id
 
 
 def test_cells_stay_within_budget_plus_batch_and_buffer_is_constant(tiny_model):
@@ -62,7 +57,7 @@ def test_kept_rows_are_byte_identical_to_a_stock_run(tiny_model_hd64, cache_type
     """Rows stored before the first eviction, and layer 0 rows (which depend only on token and
     position) through several evictions, equal the bytes a run without eviction stored."""
     n_batch, budget = 64, 128
-    types = {"type_k": _ggml_type(cache_type), "type_v": _ggml_type(cache_type)}
+    types = {"type_k": ggml_type_id(cache_type), "type_v": ggml_type_id(cache_type)}
     tokens = random_tokens(4 * 256)
     stock = _stock_rows(tiny_model_hd64, tokens, n_batch, **types)
     config = L2KVConfig(kv_budget=budget, n_sink=2, n_recent=4, per_head=per_head)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import cache
 from ..chat import Conversation
-from ..config import L2KVConfig
+from ..config import L2KVConfig, Policy
 from ..generate import stream_generate
 from ..sampling import SamplingSettings
 from ..session import L2KVModel, ModelSettings
@@ -29,7 +29,7 @@ PROTOCOL_QUESTION_FIRST = (
     "document); first answer token after eviction"
 )
 GREEDY = SamplingSettings(temperature=0.0)
-POLICIES = ("keep-low-norm", "keep-high-norm", "random", "window")
+POLICIES = tuple(p.cli_name for p in Policy)  # keep-low-norm, keep-high-norm, random, window
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 from tabulate import tabulate
 
-POLICY_ORDER = ("keep-low-norm", "keep-high-norm", "random", "window")
+from .qa import POLICIES
+
 LABELS = {
     "keep-low-norm": "L2: keep lowest norm",
     "keep-high-norm": "keep highest norm",
@@ -36,7 +37,7 @@ def accuracy_table(records: Iterable[dict[str, Any]], task: str, model: str) -> 
     if any(p == "full" for p, _ in cells):
         full = np.mean(cells[("full", 1.0)])
         rows.append([LABELS["full"]] + [f"{full:.2f}"] * len(keeps) + [len(cells[("full", 1.0)])])
-    for p in POLICY_ORDER:
+    for p in POLICIES:
         if any(pp == p for pp, _ in cells):
             vals = [f"{np.mean(cells[(p, k)]):.2f}" if cells.get((p, k)) else "-" for k in keeps]
             rows.append([LABELS[p]] + vals + [len(cells.get((p, keeps[0]), []))])
@@ -55,7 +56,7 @@ def plot_accuracy(records: Iterable[dict[str, Any]], task: str, model: str, out:
     full = [r["score"] for r in recs if r["config"]["policy"] == "full"]
     if full:
         ax.axhline(np.mean(full), color="black", ls="--", label=LABELS["full"])
-    for p in POLICY_ORDER:
+    for p in POLICIES:
         pts: dict[float, list[float]] = defaultdict(list)
         for r in recs:
             if r["config"]["policy"] == p:
@@ -83,7 +84,7 @@ def plot_needle_heatmaps(records: Iterable[dict[str, Any]], model: str, keep: fl
     import matplotlib.pyplot as plt
 
     recs = _by(records, "niah", model)
-    policies = ["full"] + [p for p in POLICY_ORDER if any(r["config"]["policy"] == p for r in recs)]
+    policies = ["full"] + [p for p in POLICIES if any(r["config"]["policy"] == p for r in recs)]
     lengths = sorted({r["config"]["n_tokens"] for r in recs})
     depths = sorted({r["config"]["depth"] for r in recs})
     fig, axes = plt.subplots(1, len(policies), figsize=(3.2 * len(policies), 3.2), squeeze=False)
@@ -116,7 +117,7 @@ def ppl_table(records: Iterable[dict[str, Any]], model: str) -> str:
     keeps = sorted({r["config"]["keep"] for r in recs}, reverse=True)
     full = recs[0]["ppl_full"] if recs else float("nan")
     rows = [[LABELS["full"]] + [f"{full:.2f}" for _ in keeps]]
-    for p in POLICY_ORDER:
+    for p in POLICIES:
         row = [LABELS[p]]
         for k in keeps:
             hit = [r for r in recs if r["config"]["policy"] == p and r["config"]["keep"] == k]
@@ -141,7 +142,7 @@ def plot_ppl_by_position(records: Iterable[dict[str, Any]], model: str, keep: fl
         budget = recs[0]["budget"]
         ax.axvline(budget, color="grey", lw=0.8)
         ax.text(budget, ax.get_ylim()[1], " budget", va="top", fontsize=7)
-        for p in POLICY_ORDER:
+        for p in POLICIES:
             for r in recs:
                 if r["config"]["policy"] == p:
                     ax.plot(xs, r["ppl_by_position"], label=LABELS[p])
