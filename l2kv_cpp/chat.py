@@ -66,6 +66,15 @@ class Conversation:
             return text
         return f"{self.document}\n\n{text}"
 
+    def _user_turn(self, text: str) -> tuple[str, str]:
+        """(message content, the whole text the cache must hold) for a user turn awaiting an answer."""
+        if self.chat:
+            content = self._user_content(text)
+            return content, self._render(
+                [*self.messages, {"role": "user", "content": content}], add_generation_prompt=True
+            )
+        return text, self.fed_text + text
+
     def _tokens_for(self, target: str, special: bool) -> list[int]:
         """Tokens that take the cache from fed_text to target (re-evaluating from scratch if needed)."""
         if not target.startswith(self.fed_text):
@@ -115,12 +124,7 @@ class Conversation:
         self, text: str, sampling: SamplingSettings, max_tokens: int = -1, progress: ProgressFn | None = None
     ) -> Iterator[GenerationResponse]:
         """Stream the answer to `text`. Stopping early (or Ctrl-C) keeps what was generated so far."""
-        if self.chat:
-            content = self._user_content(text)
-            target = self._render([*self.messages, {"role": "user", "content": content}], add_generation_prompt=True)
-        else:
-            content = text
-            target = self.fed_text + text
+        content, target = self._user_turn(text)
         n_prompt = self._feed(target, progress)
         pieces: list[bytes] = []
         answer: list[str] = []
@@ -140,11 +144,7 @@ class Conversation:
         For protocols that compress the cache between the question and the answer; the turn is
         recorded with an empty answer.
         """
-        content = self._user_content(text) if self.chat else text
-        if self.chat:
-            target = self._render([*self.messages, {"role": "user", "content": content}], add_generation_prompt=True)
-        else:
-            target = self.fed_text + text
+        content, target = self._user_turn(text)
         n = self._feed(target, progress)
         self.document = None
         self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": ""}]
