@@ -51,6 +51,51 @@ def _comp_config(c: Compression) -> dict[str, Any]:
     return d
 
 
+def _run_document(
+    task: str,
+    path: Path,
+    chat: bool,
+    case_config: dict[str, Any],
+    doc: str,
+    n_doc: int,
+    question: str,
+    comps: list[Compression],
+    store: ResultStore,
+    n_predict: int,
+    question_first: bool,
+    score: Callable[[str], float],
+    extra: dict[str, Any],
+    label: str,
+    log: Log,
+) -> None:
+    """One document under every compression: skip the runs already recorded, answer, score, record."""
+    for comp in comps:
+        config = {
+            **case_config,
+            **_comp_config(comp),
+            "chat": chat,
+            "protocol": PROTOCOL_QUESTION_FIRST if question_first else PROTOCOL,
+        }
+        if store.done(task, str(path), config):
+            continue
+        r = run_qa(path, doc, question, comp, n_doc, chat, n_predict, question_first=question_first)
+        s = score(r.answer)
+        store.add(
+            task,
+            str(path),
+            config,
+            {
+                "score": s,
+                "answer": r.answer,
+                "n_doc_tokens": n_doc,
+                "budget": r.budget,
+                "n_evictions": r.n_evictions,
+                **extra,
+            },
+        )
+        log(f"{task} {path.name} {label} {comp.policy}@{comp.keep}: {s:g} ({r.answer.strip()[:50]!r})")
+
+
 def run_passkey(
     model: str | None,
     cases: Iterable[passkey.PasskeyCase],
@@ -66,37 +111,23 @@ def run_passkey(
     with open_tokenizer(path) as tok:
         for case in cases:
             doc = passkey.build_document(case)
-            n_doc = document_tokens(tok, doc, chat)
-            for comp in comps:
-                config = {
-                    **case.as_config(),
-                    **_comp_config(comp),
-                    "chat": chat,
-                    "protocol": PROTOCOL_QUESTION_FIRST if question_first else PROTOCOL,
-                }
-                if store.done("passkey", str(path), config):
-                    continue
-                r = run_qa(
-                    path, doc, passkey.question(chat), comp, n_doc, chat, n_predict, question_first=question_first
-                )
-                s = passkey.score(r.answer, case.key)
-                store.add(
-                    "passkey",
-                    str(path),
-                    config,
-                    {
-                        "score": s,
-                        "answer": r.answer,
-                        "key": case.key,
-                        "n_doc_tokens": n_doc,
-                        "budget": r.budget,
-                        "n_evictions": r.n_evictions,
-                    },
-                )
-                log(
-                    f"passkey {path.name} junk={case.n_junk} depth={case.depth} seed={case.seed} "
-                    f"{comp.policy}@{comp.keep}: {s:.0f} ({r.answer.strip()[:40]!r})"
-                )
+            _run_document(
+                "passkey",
+                path,
+                chat,
+                case.as_config(),
+                doc,
+                document_tokens(tok, doc, chat),
+                passkey.question(chat),
+                comps,
+                store,
+                n_predict,
+                question_first,
+                lambda answer, key=case.key: passkey.score(answer, key),
+                {"key": case.key},
+                f"junk={case.n_junk} depth={case.depth} seed={case.seed}",
+                log,
+            )
 
 
 def run_niah(
@@ -122,35 +153,23 @@ def run_niah(
 
         for case in cases:
             doc = niah.build_document(case, tokenize, detokenize, corpus)
-            n_doc = document_tokens(tok, doc, chat)
-            for comp in comps:
-                config = {
-                    **case.as_config(),
-                    **_comp_config(comp),
-                    "chat": chat,
-                    "protocol": PROTOCOL_QUESTION_FIRST if question_first else PROTOCOL,
-                }
-                if store.done("niah", str(path), config):
-                    continue
-                r = run_qa(path, doc, niah.question(chat), comp, n_doc, chat, n_predict, question_first=question_first)
-                s = niah.score(r.answer)
-                store.add(
-                    "niah",
-                    str(path),
-                    config,
-                    {
-                        "score": s,
-                        "answer": r.answer,
-                        "n_doc_tokens": n_doc,
-                        "budget": r.budget,
-                        "n_evictions": r.n_evictions,
-                        "needle_depth": round(niah.needle_depth(doc), 4),
-                    },
-                )
-                log(
-                    f"niah {path.name} n={case.n_tokens} depth={case.depth} {comp.policy}@{comp.keep}: {s} "
-                    f"({r.answer.strip()[:50]!r})"
-                )
+            _run_document(
+                "niah",
+                path,
+                chat,
+                case.as_config(),
+                doc,
+                document_tokens(tok, doc, chat),
+                niah.question(chat),
+                comps,
+                store,
+                n_predict,
+                question_first,
+                niah.score,
+                {"needle_depth": round(niah.needle_depth(doc), 4)},
+                f"n={case.n_tokens} depth={case.depth}",
+                log,
+            )
 
 
 def run_ppl(
