@@ -168,10 +168,9 @@ def recommend_skip_layers(losses: list[LayerHeadLoss], n: int = 2) -> list[int]:
 
 
 def plot_alr(losses: list[LayerHeadLoss], title: str, out: Path) -> Path:
-    import matplotlib
+    from .report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     layers = sorted({x.il for x in losses})
     heads = sorted({x.head for x in losses})

@@ -21,6 +21,16 @@ LABELS = {
 }
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (plots are written as PNG, never shown)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _by(records: Iterable[dict[str, Any]], task: str, model: str) -> list[dict[str, Any]]:
     return [r for r in records if r["task"] == task and r["model"] == model]
 
@@ -46,10 +56,7 @@ def accuracy_table(records: Iterable[dict[str, Any]], task: str, model: str) -> 
 
 
 def plot_accuracy(records: Iterable[dict[str, Any]], task: str, model: str, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     recs = _by(records, task, model)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -78,10 +85,7 @@ def plot_accuracy(records: Iterable[dict[str, Any]], task: str, model: str, out:
 
 def plot_needle_heatmaps(records: Iterable[dict[str, Any]], model: str, keep: float, out: Path) -> Path:
     """One heatmap per policy (context length x needle depth), like the paper's needle figures."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     recs = _by(records, "niah", model)
     policies = ["full"] + [p for p in POLICIES if any(r["config"]["policy"] == p for r in recs)]
@@ -128,10 +132,7 @@ def ppl_table(records: Iterable[dict[str, Any]], model: str) -> str:
 
 
 def plot_ppl_by_position(records: Iterable[dict[str, Any]], model: str, keep: float, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     recs = [r for r in _by(records, "ppl", model) if abs(r["config"]["keep"] - keep) < 1e-9]
     fig, ax = plt.subplots(figsize=(6, 4))
