@@ -30,7 +30,10 @@ class L2KVStats:
     n_evictions: int
     n_dropped: int
     n_moved_rows: int
-    t_evict_ms: float
+    t_evict_ms: float  # all eviction work, of which:
+    t_feature_ms: float  # key norms read back, key cosines computed
+    t_rank_ms: float  # scores and selection on the host
+    t_move_ms: float  # the compaction graph
     kv_bytes: int
     norm_bytes: int
 
@@ -101,6 +104,21 @@ def read_layer(ctx: Any, il: int) -> tuple[np.ndarray, np.ndarray]:
         f"llama_l2kv_read_layer(layer {il})",
     )
     return norms[:n].copy(), pos[:n].copy()
+
+
+def read_key_cosines(ctx: Any, il: int) -> np.ndarray:
+    """KeyDiff's feature of model layer il, [cell, kv head]: the cosine of every cached key with its head's
+    normalised sum of unit keys, as the eviction computes it; empty cells read 0."""
+    nat = native()
+    c = nat.ctx_ptr(ctx)
+    n_head = _check(nat.lib.llama_l2kv_n_head_kv(c, il), f"llama_l2kv_n_head_kv(layer {il})")
+    n_max = stats(ctx).kv_size
+    out = np.zeros((n_max, n_head), dtype=np.float32)
+    n = _check(
+        nat.lib.llama_l2kv_read_key_cosines(c, il, nat.ffi.from_buffer("float[]", out), n_max),
+        f"llama_l2kv_read_key_cosines(layer {il})",
+    )
+    return out[:n].copy()
 
 
 def read_kv(ctx: Any, il: int, kind: str, cell0: int, n_cells: int) -> np.ndarray:

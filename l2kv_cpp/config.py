@@ -19,6 +19,8 @@ class Policy(IntEnum):
     KEEP_HIGH_NORM = 1  # the paper's negative control
     RANDOM = 2  # seeded; depends only on (seed, layer, head, position)
     WINDOW = 3  # sinks + most recent tokens (StreamingLLM)
+    KEY_DIFF = 4  # KeyDiff: keep the keys least similar to their head's mean key
+    HYBRID = 5  # rank fusion: lowest sum of the ranks by key norm and by key cosine
 
     @property
     def cli_name(self) -> str:
@@ -32,7 +34,13 @@ class Policy(IntEnum):
         if isinstance(value, int):
             return cls(value)
         name = value.strip().upper().replace("-", "_")
-        aliases = {"L2": "KEEP_LOW_NORM", "LOW": "KEEP_LOW_NORM", "HIGH": "KEEP_HIGH_NORM", "STREAMING": "WINDOW"}
+        aliases = {
+            "L2": "KEEP_LOW_NORM",
+            "LOW": "KEEP_LOW_NORM",
+            "HIGH": "KEEP_HIGH_NORM",
+            "STREAMING": "WINDOW",
+            "KEYDIFF": "KEY_DIFF",
+        }
         try:
             return cls[aliases.get(name, name)]
         except KeyError:

@@ -3,8 +3,10 @@
 Per (layer, KV head) group, an eviction keeps `n_keep` entries: the protected ones first (the
 `n_sink` first positions and the `n_recent` newest), then by ascending score, ties to the newer
 position. The score is the key's L2 norm (keep-low-norm), its negation (keep-high-norm), a
-seeded hash of (seed, layer, head, position) (random), or minus the position (window, and the
-skipped layers). In per-layer mode the norm score is the sum of the heads' norms.
+seeded hash of (seed, layer, head, position) (random), minus the position (window, and the
+skipped layers), the cosine of the key with its head's mean unit key (key-diff), or the sum of
+an entry's ranks by norm and by cosine (hybrid). In per-layer mode the norm and cosine scores
+are summed over the heads.
 """
 
 from __future__ import annotations
@@ -41,35 +43,74 @@ def random_score(seed: int, il: int, head: int, pos: int) -> float:
     return float(np.float32((h >> 40) / 16777216.0))
 
 
-def group_scores(config: L2KVConfig, il: int, group: int, norms: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """Scores of one (layer, group) from the layer's norms [n, n_head] and the group's positions [n]."""
+def key_cosines(keys: np.ndarray, n_head: int) -> np.ndarray:
+    """KeyDiff's feature: [n, n_head] cosine of every key with the normalised sum of its head's unit keys.
+
+    keys: [n, n_head * head_dim] the cached keys (dequantized), one row per entry.
+    """
+    n = keys.shape[0]
+    k = keys.reshape(n, n_head, -1).astype(np.float64)
+    u = k / np.maximum(np.linalg.norm(k, axis=2, keepdims=True), 1e-12)
+    m = u.sum(axis=0)
+    m /= np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+    return np.einsum("nhd,hd->nh", u, m)
+
+
+def ranks(score: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Rank 0 .. n-1 of every entry by ascending score (NaN last), ties to the newer position."""
+    key = np.where(np.isnan(score), np.float32(np.inf), score)
+    order = np.lexsort((np.arange(len(pos)), -np.asarray(pos, dtype=np.int64), key))
+    out = np.empty(len(pos), dtype=np.float32)
+    out[order] = np.arange(len(pos), dtype=np.float32)
+    return out
+
+
+def _per_group(config: L2KVConfig, group: int, feature: np.ndarray) -> np.ndarray:
+    """The group's column of a [n, n_head] feature, or its float32 sum over the heads (native order)."""
+    if config.per_head:
+        return feature[:, group].astype(np.float32)
+    s = np.zeros(feature.shape[0], dtype=np.float32)
+    for h in range(feature.shape[1]):
+        s = s + feature[:, h].astype(np.float32)
+    return s
+
+
+def group_scores(
+    config: L2KVConfig, il: int, group: int, norms: np.ndarray, pos: np.ndarray, kcos: np.ndarray | None = None
+) -> np.ndarray:
+    """Scores of one (layer, group) from the layer's norms [n, n_head], key cosines [n, n_head] (key-diff
+    and hybrid) and the group's positions [n]."""
     if il in config.effective_skip_layers or config.policy == Policy.WINDOW:
         return -pos.astype(np.float32)
     if config.policy == Policy.RANDOM:
         return np.array([random_score(config.seed, il, group, int(p)) for p in pos], dtype=np.float32)
-    if config.per_head:
-        s = norms[:, group].astype(np.float32)
-    else:  # summed head by head in float32, in the native order
-        s = np.zeros(len(pos), dtype=np.float32)
-        for h in range(norms.shape[1]):
-            s = s + norms[:, h].astype(np.float32)
+    if config.policy in (Policy.KEY_DIFF, Policy.HYBRID) and kcos is None:
+        raise ValueError(f"{config.policy.cli_name} needs the key cosines")
+    if config.policy == Policy.KEY_DIFF:
+        return _per_group(config, group, kcos)
+    s = _per_group(config, group, norms)
+    if config.policy == Policy.HYBRID:
+        return ranks(s, pos) + ranks(_per_group(config, group, kcos), pos)
     return -s if config.policy == Policy.KEEP_HIGH_NORM else s
 
 
-def kept_positions(config: L2KVConfig, il: int, norms: np.ndarray, pos: np.ndarray, pos_last: int) -> list[set[int]]:
+def kept_positions(
+    config: L2KVConfig, il: int, norms: np.ndarray, pos: np.ndarray, pos_last: int, kcos: np.ndarray | None = None
+) -> list[set[int]]:
     """For each KV head of layer il: the set of true positions an eviction keeps.
 
-    norms, pos: [n_cells, n_head] as read before the eviction (only used cells, pos >= 0).
+    norms, pos, kcos: [n_cells, n_head] as read before the eviction (only used cells, pos >= 0).
     """
     used = pos[:, 0] >= 0
     norms, pos = norms[used], pos[used]
+    kcos = None if kcos is None else kcos[used]
     n_head = pos.shape[1]
     out = []
     for h in range(n_head):
         g = h if config.per_head else 0
         p = pos[:, g]
         keep = select(
-            p, group_scores(config, il, g, norms, p), config.kv_budget, config.n_sink, config.n_recent, pos_last
+            p, group_scores(config, il, g, norms, p, kcos), config.kv_budget, config.n_sink, config.n_recent, pos_last
         )
         out.append({int(x) for x in pos[keep, h]})
     return out

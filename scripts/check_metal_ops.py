@@ -36,8 +36,9 @@ class OpUse:
 USES = [
     OpUse("GGML_OP_SQR", "F32", "F32", "cpy_k_norm: k^2", ("GGML_TYPE_F32", "ggml_is_contiguous_rows")),
     OpUse("GGML_OP_SUM_ROWS", "F32", "F32", "cpy_k_norm: sum over the head", ("ggml_is_contiguous_rows",)),
-    OpUse("GGML_OP_SET_ROWS", "F32", "F32", "cpy_k_norm store; compaction writes (F32 byte aliases)",
-          ("GGML_TYPE_F32",)),
+    OpUse(
+        "GGML_OP_SET_ROWS", "F32", "F32", "cpy_k_norm store; compaction writes (F32 byte aliases)", ("GGML_TYPE_F32",)
+    ),
     OpUse("GGML_OP_GET_ROWS", "F32", "F32", "compaction reads (F32 byte aliases)", ()),
     OpUse("GGML_OP_RESHAPE", "F32", "F32", "cpy_k_norm views", ("return true",)),
     OpUse("GGML_OP_VIEW", "F32", "F32", "cpy_k_norm views", ("return true",)),

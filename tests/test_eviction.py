@@ -7,17 +7,18 @@ import pytest
 from conftest import make_llm, random_tokens
 
 from l2kv_cpp import _lib, cache
-from l2kv_cpp.config import L2KVConfig
+from l2kv_cpp.config import L2KVConfig, Policy
 from l2kv_cpp.decode import decode, logits_ith
 from l2kv_cpp.errors import InvalidParamsError, UnsupportedModelError
 from l2kv_cpp.session import ggml_type_id
 
 
-def test_cells_stay_within_budget_plus_batch_and_buffer_is_constant(tiny_model):
+@pytest.mark.parametrize("policy", list(Policy), ids=lambda p: p.cli_name)
+def test_cells_stay_within_budget_plus_batch_and_buffer_is_constant(tiny_model, policy):
     budget, n_batch = 128, 64
     llm = make_llm(tiny_model, n_ctx=256, n_batch=n_batch)
     try:
-        cache.enable(llm.ctx, L2KVConfig(kv_budget=budget))
+        cache.enable(llm.ctx, L2KVConfig(kv_budget=budget, policy=policy))
         first = cache.stats(llm.ctx)
         tokens = random_tokens(8 * budget + 37)
         pos = 0
@@ -51,16 +52,31 @@ def _stock_rows(model, tokens, n_batch, **types):
         llm.close()
 
 
-@pytest.mark.parametrize("cache_type", ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
-@pytest.mark.parametrize("per_head", [True, False])
-def test_kept_rows_are_byte_identical_to_a_stock_run(tiny_model_hd64, cache_type, per_head):
+BYTE_EXACT_CASES = [
+    *[
+        (t, per_head, Policy.KEEP_LOW_NORM)
+        for t in ("f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+        for per_head in (True, False)
+    ],
+    # the scorers that read the cached keys back: the same moves must stay byte-exact
+    *[(t, True, p) for t in ("f16", "q8_0") for p in (Policy.KEY_DIFF, Policy.HYBRID)],
+    ("q4_0", False, Policy.KEY_DIFF),
+]
+
+
+@pytest.mark.parametrize(
+    ("cache_type", "per_head", "policy"),
+    BYTE_EXACT_CASES,
+    ids=[f"{t}-{'head' if h else 'layer'}-{p.cli_name}" for t, h, p in BYTE_EXACT_CASES],
+)
+def test_kept_rows_are_byte_identical_to_a_stock_run(tiny_model_hd64, cache_type, per_head, policy):
     """Rows stored before the first eviction, and layer 0 rows (which depend only on token and
     position) through several evictions, equal the bytes a run without eviction stored."""
     n_batch, budget = 64, 128
     types = {"type_k": ggml_type_id(cache_type), "type_v": ggml_type_id(cache_type)}
     tokens = random_tokens(4 * 256)
     stock = _stock_rows(tiny_model_hd64, tokens, n_batch, **types)
-    config = L2KVConfig(kv_budget=budget, n_sink=2, n_recent=4, per_head=per_head)
+    config = L2KVConfig(kv_budget=budget, n_sink=2, n_recent=4, per_head=per_head, policy=policy)
     llm = make_llm(tiny_model_hd64, n_ctx=256, n_batch=n_batch, **types)
     try:
         cache.enable(llm.ctx, config)

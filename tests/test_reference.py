@@ -5,11 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import make_llm, random_tokens
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
 
 from l2kv_cpp import cache, reference
 from l2kv_cpp._ffi import native
 from l2kv_cpp.config import L2KVConfig, Policy
 from l2kv_cpp.decode import decode
+from l2kv_cpp.errors import NativeCallError
+from l2kv_cpp.session import ggml_type_id
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -47,7 +51,13 @@ CONFIGS = [
     L2KVConfig(kv_budget=96, n_sink=4, n_recent=4, policy=Policy.KEEP_HIGH_NORM),
     L2KVConfig(kv_budget=96, n_sink=4, n_recent=4, policy=Policy.RANDOM, seed=7, skip_layers=(1,)),
     L2KVConfig(kv_budget=96, n_sink=4, n_recent=4, policy=Policy.WINDOW),
+    L2KVConfig(kv_budget=96, n_sink=2, n_recent=8, policy=Policy.KEY_DIFF, skip_layers=()),
+    L2KVConfig(kv_budget=96, n_sink=0, n_recent=0, policy=Policy.KEY_DIFF, per_head=False),
+    L2KVConfig(kv_budget=96, n_sink=2, n_recent=8, policy=Policy.HYBRID, skip_layers=()),
+    L2KVConfig(kv_budget=96, n_sink=4, n_recent=4, policy=Policy.HYBRID, per_head=False, skip_layers=(1,)),
 ]
+
+NEEDS_COSINES = (Policy.KEY_DIFF, Policy.HYBRID)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.policy.name}-{'head' if c.per_head else 'layer'}")
@@ -62,9 +72,11 @@ def test_native_eviction_keeps_what_the_reference_keeps(tiny_model, config):
             decode(llm, random_tokens(n_new, seed=pos0), pos0)
             pos0 += n_new
             before = {il: cache.read_layer(llm.ctx, il) for il in range(n_layer)}
+            cosines = {il: cache.read_key_cosines(llm.ctx, il) for il in range(n_layer)}
             cache.evict_now(llm.ctx)
             for il, (norms, pos) in before.items():
-                want = reference.kept_positions(config, il, norms, pos, pos_last=pos0 - 1)
+                kcos = cosines[il] if config.policy in NEEDS_COSINES else None
+                want = reference.kept_positions(config, il, norms, pos, pos_last=pos0 - 1, kcos=kcos)
                 _, pos_after = cache.read_layer(llm.ctx, il)
                 assert pos_after.shape[0] == config.kv_budget
                 for h, kept in enumerate(want):
@@ -94,5 +106,46 @@ def test_heads_keep_different_tokens_and_norms_move_with_rows(tiny_model):
             # keep-low-norm: every kept norm is <= every dropped norm
             dropped = [n for p, n in by_pos.items() if p not in set(pos_after[:, h].tolist())]
             assert norms_after[:, h].max() <= min(dropped)
+    finally:
+        llm.close()
+
+
+def _dequantized_keys(llm, il: int, n: int, cache_type: str) -> np.ndarray:
+    raw = cache.read_kv(llm.ctx, il, "k", 0, n)
+    return dequantize(raw, GGMLQuantizationType[cache_type.upper()]).reshape(n, -1)
+
+
+@pytest.mark.parametrize("cache_type", ["f16", "bf16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("on_backend", [False, True], ids=["host", "graph"])
+def test_key_cosines_match_numpy_on_the_cached_keys(tiny_model_hd64, monkeypatch, cache_type, on_backend):
+    """KeyDiff's feature, from the bytes in the cache: in place on the host (CPU) and as a ggml graph
+    (what GPU backends run; forced here by LLAMA_L2KV_FEATURES_ON_BACKEND), before and after evictions."""
+    if on_backend:
+        monkeypatch.setenv("LLAMA_L2KV_FEATURES_ON_BACKEND", "1")
+    types = {"type_k": ggml_type_id(cache_type), "type_v": ggml_type_id(cache_type)}
+    llm = make_llm(tiny_model_hd64, n_ctx=256, n_batch=64, **types)
+    try:
+        cache.enable(llm.ctx, L2KVConfig(kv_budget=128, policy=Policy.KEY_DIFF))
+        n_layer = int(llm.metadata["llama.block_count"])
+        pos0 = 0
+        for n_new in (150, 64, 64):  # the later batches attend (and key-diff reads) a compacted cache
+            decode(llm, random_tokens(n_new, seed=pos0), pos0)
+            pos0 += n_new
+            for il in range(n_layer):
+                got = cache.read_key_cosines(llm.ctx, il)
+                n_head = got.shape[1]
+                want = reference.key_cosines(_dequantized_keys(llm, il, got.shape[0], cache_type), n_head)
+                np.testing.assert_allclose(got, want, atol=2e-5, err_msg=f"layer {il}")
+                assert np.ptp(want) > 0.1  # the feature is not constant
+        assert cache.stats(llm.ctx).n_evictions >= 1
+    finally:
+        llm.close()
+
+
+def test_key_cosines_are_refused_while_disabled(tiny_model):
+    llm = make_llm(tiny_model)
+    try:
+        with pytest.raises(NativeCallError, match="not enabled"):
+            cache.read_key_cosines(llm.ctx, 0)
     finally:
         llm.close()

@@ -21,7 +21,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define LLAMA_L2KV_ABI_VERSION 5
+#define LLAMA_L2KV_ABI_VERSION 6
 
 #ifdef __cplusplus
 extern "C" {
@@ -47,6 +47,9 @@ extern "C" {
         LLAMA_L2KV_POLICY_KEEP_HIGH_NORM = 1, // keep the highest-norm keys (the paper's negative control)
         LLAMA_L2KV_POLICY_RANDOM         = 2, // keep a seeded pseudo-random subset (depends only on seed, layer, head, position)
         LLAMA_L2KV_POLICY_WINDOW         = 3, // keep the n_sink first and the most recent tokens (StreamingLLM)
+        LLAMA_L2KV_POLICY_KEY_DIFF       = 4, // keep the keys least similar (cosine) to their head's mean unit key
+                                              // (KeyDiff, arXiv:2504.15364), computed on the backend from the cached K
+        LLAMA_L2KV_POLICY_HYBRID         = 5, // keep the lowest sum of the two ranks: by key norm and by key cosine
     };
 
     struct llama_l2kv_params {
@@ -76,7 +79,10 @@ extern "C" {
         uint64_t n_evictions;        // eviction events so far
         uint64_t n_dropped;          // entries dropped per (layer, KV head), summed over events
         uint64_t n_moved_rows;       // K/V rows moved on the backend, all layers and heads
-        double   t_evict_ms;         // wall time spent evicting (ranking + compaction graph)
+        double   t_evict_ms;         // wall time spent evicting: the three parts below and the cell bookkeeping
+        double   t_feature_ms;       //   reading the key norms back and computing key cosines (KEY_DIFF, HYBRID)
+        double   t_rank_ms;          //   scoring and selecting on the host
+        double   t_move_ms;          //   the compaction graph
         uint64_t kv_bytes;           // K/V buffer size of the budgeted cache
         uint64_t norm_bytes;         // size of the per-layer key norm buffers
     };
@@ -132,6 +138,16 @@ extern "C" {
                          int32_t   il,
                            float * norms,
                          int32_t * pos,
+                         int32_t   n_cells_max);
+
+    // KeyDiff's feature for model layer il now: the cosine of every cached key with the normalised sum of
+    // its head's unit keys (the eviction computes the same, see LLAMA_L2KV_POLICY_KEY_DIFF), for cells
+    // [0, n) where n is the returned value; layout [cell][kv head] as read_layer, empty cells get 0.
+    // Runs a graph on the backend when K is not in host memory: call it between decodes
+    LLAMA_API int32_t llama_l2kv_read_key_cosines(
+            struct llama_context * ctx,
+                         int32_t   il,
+                           float * cosines,
                          int32_t   n_cells_max);
 
     // KV heads of model layer il in the budgeted cache, or a negative status (e.g. a sliding-window layer)

@@ -13,6 +13,8 @@
 
 #include <algorithm>
 #include <cstdarg>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <cmath>
 #include <limits>
@@ -51,6 +53,43 @@ const char * llama_l2kv_last_error(void) {
 // selection rule
 //
 
+void llama_l2kv_candidates(
+        const int32_t * pos,
+          const float * score,
+             uint32_t   n,
+             uint32_t   n_sink,
+             uint32_t   n_recent,
+              int32_t   pos_last,
+        std::vector<llama_l2kv_candidate> & out) {
+    out.resize(n);
+    for (uint32_t i = 0; i < n; ++i) {
+        const bool prot = pos[i] < (int64_t) n_sink || (int64_t) pos[i] > (int64_t) pos_last - (int64_t) n_recent;
+        // NaN would break the strict weak ordering: rank it last
+        const float key = std::isnan(score[i]) ? std::numeric_limits<float>::infinity() : score[i];
+        out[i] = { key, pos[i], i, prot };
+    }
+}
+
+bool llama_l2kv_candidate_better(const llama_l2kv_candidate & a, const llama_l2kv_candidate & b) {
+    if (a.prot != b.prot) {
+        return a.prot;
+    }
+    if (a.key != b.key) {
+        return a.key < b.key;
+    }
+    if (a.pos != b.pos) {
+        return a.pos > b.pos; // ties: keep the newer entry
+    }
+    return a.idx < b.idx;
+}
+
+void llama_l2kv_keep_best(std::vector<llama_l2kv_candidate> & cand, uint32_t n_keep) {
+    if (n_keep < cand.size()) {
+        std::nth_element(cand.begin(), cand.begin() + n_keep, cand.end(), llama_l2kv_candidate_better);
+        cand.resize(n_keep);
+    }
+}
+
 std::vector<uint32_t> llama_l2kv_select(
         const std::vector<int32_t> & pos,
         const std::vector<float>   & score,
@@ -60,38 +99,15 @@ std::vector<uint32_t> llama_l2kv_select(
         int32_t  pos_last) {
     GGML_ASSERT(pos.size() == score.size());
 
-    const uint32_t n = pos.size();
+    std::vector<llama_l2kv_candidate> cand;
+    llama_l2kv_candidates(pos.data(), score.data(), pos.size(), n_sink, n_recent, pos_last, cand);
+    llama_l2kv_keep_best(cand, n_keep);
+    std::sort(cand.begin(), cand.end(), llama_l2kv_candidate_better);
 
-    std::vector<uint32_t> idx(n);
-    std::iota(idx.begin(), idx.end(), 0);
-
-    auto is_protected = [&](uint32_t i) {
-        return pos[i] < (int64_t) n_sink || (int64_t) pos[i] > (int64_t) pos_last - (int64_t) n_recent;
-    };
-
-    // NaN would break the strict weak ordering: rank it last
-    auto key = [&](uint32_t i) {
-        return std::isnan(score[i]) ? std::numeric_limits<float>::infinity() : score[i];
-    };
-
-    auto better = [&](uint32_t a, uint32_t b) {
-        const bool pa = is_protected(a);
-        const bool pb = is_protected(b);
-        if (pa != pb) {
-            return pa;
-        }
-        const float ka = key(a);
-        const float kb = key(b);
-        if (ka != kb) {
-            return ka < kb;
-        }
-        return pos[a] > pos[b]; // ties: keep the newer entry
-    };
-
-    const uint32_t k = std::min(n_keep, n);
-    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), better);
-    idx.resize(k);
-
+    std::vector<uint32_t> idx(cand.size());
+    for (size_t i = 0; i < cand.size(); ++i) {
+        idx[i] = cand[i].idx;
+    }
     return idx;
 }
 
@@ -146,6 +162,12 @@ public:
     bool apply() override {
         l2->pending_reset = false;
         l2->pending_evict = false;
+        if (l2->pending_read.active) {
+            // a scoring pass for llama_l2kv_read_scores runs here, where the graphs are reset afterwards
+            auto & rd = l2->pending_read;
+            rd.active = false;
+            rd.result = l2->read_key_cosines(lctx, rd.ikv, rd.out, rd.n_cells_max);
+        }
         return do_evict ? l2->evict(lctx) : true;
     }
 
@@ -358,6 +380,12 @@ int32_t llama_kv_cache_l2::init() {
 
     tpos.assign(n_layer, {});
 
+    scorer = llama_l2kv_scorer_init(params.policy, params.seed);
+    if (!scorer) {
+        llama_l2kv_error("%s: policy (%d) is not a llama_l2kv_policy\n", __func__, params.policy);
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+
     return LLAMA_L2KV_STATUS_OK;
 }
 
@@ -403,7 +431,7 @@ llama_memory_context_ptr llama_kv_cache_l2::init_update(llama_context * lctx, bo
     const bool over     = cells().get_used() > params.kv_budget;
     const bool do_evict = over && (optimize || pending_evict);
 
-    if (!do_evict && !pending_reset) {
+    if (!do_evict && !pending_reset && !pending_read.active) {
         pending_evict = false;
         return nullptr;
     }
@@ -416,6 +444,228 @@ int32_t llama_kv_cache_l2::true_pos(uint32_t ikv, uint32_t cell, uint32_t head) 
         return tpos[ikv][(size_t) cell*n_head_kv(ikv) + head];
     }
     return cells().pos_get(cell);
+}
+
+const llama_l2kv_scorer & llama_kv_cache_l2::layer_scorer(uint32_t ikv) const {
+    return skip[ikv] ? llama_l2kv_recency_scorer() : *scorer;
+}
+
+bool llama_kv_cache_l2::compute_features(llama_context * lctx, const std::vector<uint32_t> & used,
+        const std::vector<uint32_t> & layers, std::vector<layer_features> & out, uint32_t extra_features) {
+    const uint32_t n_cells = used.empty() ? 0 : used.back() + 1;
+    const uint32_t n_used  = used.size();
+
+    out.resize(kv.layers.size());
+
+    // a K cache in host memory (the CPU backend) is scored in place: a ggml graph for this reduction
+    // needs a transposed copy of every key, which costs the CPU backend more than the whole eviction
+    const bool force_graph = getenv("LLAMA_L2KV_FEATURES_ON_BACKEND") != nullptr; // tests compare both paths
+
+    std::vector<uint32_t> cos_layers;
+    for (uint32_t ikv : layers) {
+        const uint32_t need = layer_scorer(ikv).features() | extra_features;
+        const uint32_t nh   = n_head_kv(ikv);
+        if (need & LLAMA_L2KV_FEATURE_NORM2) {
+            out[ikv].norm2.resize((size_t) n_cells*nh);
+            ggml_backend_tensor_get(kn[ikv], out[ikv].norm2.data(), 0, out[ikv].norm2.size()*sizeof(float));
+        }
+        if (need & LLAMA_L2KV_FEATURE_KEY_COSINE) {
+            if (!force_graph && ggml_backend_buffer_is_host(kv.layers[ikv].k->buffer)) {
+                key_cosines_host(ikv, used, out[ikv].kcos);
+            } else {
+                cos_layers.push_back(ikv);
+            }
+        }
+    }
+    if (cos_layers.empty() || n_used == 0) {
+        return true;
+    }
+
+    // key cosines on the backend: per (layer, head), the unit keys of the used cells (any cache type,
+    // dequantized by get_rows) against their normalised sum; one graph for all layers
+    auto * sched = lctx->get_sched();
+    ggml_backend_sched_reset(sched);
+
+    auto * res = lctx->get_gf_res_reserve();
+    res->reset();
+
+    auto * ctx = res->get_ctx();
+    auto * gf  = res->get_gf();
+
+    auto inp = std::make_unique<llm_graph_input_l2_moves>();
+
+    ggml_tensor * idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_used);
+    ggml_set_input(idx);
+    inp->src.emplace_back(idx, std::vector<int32_t>(used.begin(), used.end()));
+
+    const float eps = 1e-12f;
+
+    std::vector<ggml_tensor *> cos(cos_layers.size());
+    for (size_t j = 0; j < cos_layers.size(); ++j) {
+        const uint32_t ikv = cos_layers[j];
+        const int64_t  nh  = n_head_kv(ikv);
+        const int64_t  d   = kv.hparams.n_embd_head_k(kv.layers[ikv].il);
+
+        ggml_tensor * k = ggml_get_rows(ctx, kv.layers[ikv].k, idx);               // F32 [d*nh, n_used]
+        ggml_tensor * u = ggml_l2_norm(ctx, ggml_reshape_2d(ctx, k, d, nh*n_used), eps);
+        u = ggml_reshape_3d(ctx, u, d, nh, n_used);                               // unit keys
+        ggml_tensor * m = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, u, 1, 2, 0, 3))); // [1, d, nh]
+        m = ggml_l2_norm(ctx, ggml_reshape_2d(ctx, m, d, nh), eps);                // unit mean key per head
+        cos[j] = ggml_sum_rows(ctx, ggml_mul(ctx, u, ggml_reshape_3d(ctx, m, d, nh, 1))); // [1, nh, n_used]
+        ggml_set_output(cos[j]);
+        ggml_build_forward_expand(gf, cos[j]);
+    }
+    res->add_input(std::move(inp));
+
+    if (!ggml_backend_sched_alloc_graph(sched, gf)) {
+        llama_l2kv_error("%s: failed to allocate the key-cosine graph\n", __func__);
+        return false;
+    }
+    res->set_inputs(nullptr);
+    if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
+        llama_l2kv_error("%s: failed to compute the key-cosine graph\n", __func__);
+        return false;
+    }
+
+    std::vector<float> buf;
+    for (size_t j = 0; j < cos_layers.size(); ++j) {
+        const uint32_t ikv = cos_layers[j];
+        const uint32_t nh  = n_head_kv(ikv);
+        buf.resize((size_t) n_used*nh);
+        ggml_backend_tensor_get(cos[j], buf.data(), 0, buf.size()*sizeof(float));
+        auto & kcos = out[ikv].kcos;
+        kcos.assign((size_t) n_cells*nh, 0.0f);
+        for (uint32_t i = 0; i < n_used; ++i) {
+            std::copy(buf.begin() + (size_t) i*nh, buf.begin() + (size_t) (i + 1)*nh, kcos.begin() + (size_t) used[i]*nh);
+        }
+    }
+    return true;
+}
+
+void llama_kv_cache_l2::key_cosines_host(uint32_t ikv, const std::vector<uint32_t> & used, std::vector<float> & kcos) const {
+    const ggml_tensor * k = kv.layers[ikv].k;
+
+    const uint32_t n_used  = used.size();
+    const uint32_t n_cells = used.empty() ? 0 : used.back() + 1;
+    const uint32_t nh      = n_head_kv(ikv);
+    const int64_t  d       = kv.hparams.n_embd_head_k(kv.layers[ikv].il);
+    const int64_t  ne0     = k->ne[0]; // d*nh
+
+    GGML_ASSERT(ne0 == d*nh);
+
+    // the used keys as F32
+    std::vector<float> x((size_t) n_used*ne0);
+    const auto * traits = ggml_get_type_traits(k->type);
+    for (uint32_t i = 0; i < n_used; ++i) {
+        const char * row = (const char *) k->data + (size_t) used[i]*k->nb[1];
+        float * dst = x.data() + (size_t) i*ne0;
+        if (k->type == GGML_TYPE_F32) {
+            memcpy(dst, row, ne0*sizeof(float));
+        } else {
+            traits->to_float(row, dst, ne0);
+        }
+    }
+    // the key cosines need 1/|k| per (entry, head), the mean unit key per head, and one dot per (entry, head);
+    // dot products use 8 independent partial sums so that the compiler can vectorize them
+    auto dot = [d](const float * a, const float * b) {
+        float acc[8] = { 0.0f };
+        int64_t j = 0;
+        for (; j + 8 <= d; j += 8) {
+            for (int l = 0; l < 8; ++l) {
+                acc[l] += a[j + l]*b[j + l];
+            }
+        }
+        for (; j < d; ++j) {
+            acc[0] += a[j]*b[j];
+        }
+        return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    };
+    auto inv_norm = [](float s) {
+        return 1.0f/std::max(std::sqrt(s), 1e-12f);
+    };
+
+    std::vector<float> inv((size_t) n_used*nh);
+    std::vector<float> m(ne0, 0.0f);
+    for (uint32_t i = 0; i < n_used; ++i) {
+        for (uint32_t h = 0; h < nh; ++h) {
+            const float * v = x.data() + (size_t) i*ne0 + (size_t) h*d;
+            const float   r = inv_norm(dot(v, v));
+            float       * a = m.data() + (size_t) h*d;
+            for (int64_t j = 0; j < d; ++j) {
+                a[j] += v[j]*r;
+            }
+            inv[(size_t) i*nh + h] = r;
+        }
+    }
+    for (uint32_t h = 0; h < nh; ++h) {
+        float * a = m.data() + (size_t) h*d;
+        const float r = inv_norm(dot(a, a));
+        for (int64_t j = 0; j < d; ++j) {
+            a[j] *= r;
+        }
+    }
+
+    kcos.assign((size_t) n_cells*nh, 0.0f);
+    for (uint32_t i = 0; i < n_used; ++i) {
+        for (uint32_t h = 0; h < nh; ++h) {
+            const float * v = x.data() + (size_t) i*ne0 + (size_t) h*d;
+            kcos[(size_t) used[i]*nh + h] = dot(v, m.data() + (size_t) h*d)*inv[(size_t) i*nh + h];
+        }
+    }
+}
+
+void llama_kv_cache_l2::group_scores(uint32_t ikv, uint32_t g, const std::vector<uint32_t> & used,
+        const layer_features & feat, std::vector<int32_t> & pos, std::vector<float> & score) const {
+    const uint32_t n  = used.size();
+    const uint32_t nh = n_head_kv(ikv);
+    const uint32_t h  = params.per_head ? g : 0; // the head whose true positions the group follows
+
+    const auto & cells = this->cells();
+    const auto & tp    = tpos[ikv];
+
+    pos.resize(n);
+    for (uint32_t i = 0; i < n; ++i) {
+        const uint32_t c = used[i];
+        pos[i] = c < n_comp ? tp[(size_t) c*nh + h] : cells.pos_get(c);
+    }
+
+    llama_l2kv_group view = {
+        /*.il       =*/ layer_il(ikv),
+        /*.group    =*/ g,
+        /*.n_head   =*/ nh,
+        /*.per_head =*/ params.per_head,
+        /*.n        =*/ n,
+        /*.cell     =*/ used.data(),
+        /*.pos      =*/ pos.data(),
+        /*.norm2    =*/ feat.norm2.empty() ? nullptr : feat.norm2.data(),
+        /*.kcos     =*/ feat.kcos.empty()  ? nullptr : feat.kcos.data(),
+    };
+    score.resize(n);
+    layer_scorer(ikv).score(view, score.data());
+}
+
+int32_t llama_kv_cache_l2::read_key_cosines(llama_context * lctx, uint32_t ikv, float * out, int32_t n_cells_max) {
+    const auto & cells = this->cells();
+
+    std::vector<uint32_t> used;
+    for (uint32_t c = 0; c < cells.size(); ++c) {
+        if (!cells.is_empty(c)) {
+            used.push_back(c);
+        }
+    }
+    const uint32_t n  = std::min<uint32_t>(cells.used_max_p1(), std::max(n_cells_max, 0));
+    const uint32_t nh = n_head_kv(ikv);
+
+    lctx->synchronize();
+
+    std::vector<layer_features> feat;
+    if (!compute_features(lctx, used, { ikv }, feat, LLAMA_L2KV_FEATURE_KEY_COSINE)) {
+        return LLAMA_L2KV_STATUS_COMPUTE_FAILED;
+    }
+    std::fill(out, out + (size_t) n*nh, 0.0f);
+    const auto & kcos = feat[ikv].kcos;
+    std::copy(kcos.begin(), kcos.begin() + std::min(kcos.size(), (size_t) n*nh), out);
+    return (int32_t) n;
 }
 
 bool llama_kv_cache_l2::evict(llama_context * lctx) {
@@ -443,66 +693,50 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
 
     const uint32_t n_layer = kv.layers.size();
 
+    // 1. the features the policy reads (key norms, key cosines)
+    std::vector<layer_features> feat;
+    {
+        std::vector<uint32_t> layers(n_layer);
+        std::iota(layers.begin(), layers.end(), 0);
+        if (!compute_features(lctx, used, layers, feat)) {
+            failed = true;
+            return false;
+        }
+    }
+    const int64_t t_feature_end_us = ggml_time_us();
+
+    // 2. per (layer, group): scores, selection, and the rows to move
     std::vector<std::vector<int32_t>> new_tpos(n_layer);
     std::vector<std::vector<int32_t>> mv_src(n_layer);
     std::vector<std::vector<int64_t>> mv_dst(n_layer);
 
-    std::vector<float>   norms;
-    std::vector<int32_t> pos(n_used);
-    std::vector<float>   score(n_used);
+    std::vector<int32_t> pos;
+    std::vector<float>   score;
     std::vector<uint8_t> kept(n_cells);
+    std::vector<llama_l2kv_candidate> cand;
+    std::vector<uint32_t> holes;
+    std::vector<uint32_t> movers;
 
     for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
-        const uint32_t il = kv.layers[ikv].il;
         const uint32_t nh = n_head_kv(ikv);
         const uint32_t ng = n_group(ikv);
-
-        const bool by_recency = skip[ikv] || params.policy == LLAMA_L2KV_POLICY_WINDOW;
-        const bool need_norms = !by_recency && params.policy != LLAMA_L2KV_POLICY_RANDOM;
-
-        if (need_norms) {
-            norms.resize((size_t) n_cells*nh);
-            ggml_backend_tensor_get(kn[ikv], norms.data(), 0, norms.size()*sizeof(float));
-        }
 
         new_tpos[ikv].assign((size_t) n_keep*nh, -1);
 
         for (uint32_t g = 0; g < ng; ++g) {
-            for (uint32_t i = 0; i < n_used; ++i) {
-                const uint32_t c = used[i];
-                pos[i] = true_pos(ikv, c, params.per_head ? g : 0);
+            group_scores(ikv, g, used, feat[ikv], pos, score);
 
-                float s = 0.0f;
-                if (by_recency) {
-                    s = -(float) pos[i];
-                } else if (params.policy == LLAMA_L2KV_POLICY_RANDOM) {
-                    s = llama_l2kv_random_score(params.seed, il, g, pos[i]);
-                } else {
-                    // the L2 norm itself (not its square), the value llama_l2kv_read_layer reports
-                    if (params.per_head) {
-                        s = std::sqrt(norms[(size_t) c*nh + g]);
-                    } else {
-                        for (uint32_t h = 0; h < nh; ++h) {
-                            s += std::sqrt(norms[(size_t) c*nh + h]);
-                        }
-                    }
-                    if (params.policy == LLAMA_L2KV_POLICY_KEEP_HIGH_NORM) {
-                        s = -s;
-                    }
-                }
-                score[i] = s;
-            }
-
-            const auto keep = llama_l2kv_select(pos, score, n_keep, params.n_sink, params.n_recent, pos_last);
+            llama_l2kv_candidates(pos.data(), score.data(), n_used, params.n_sink, params.n_recent, pos_last, cand);
+            llama_l2kv_keep_best(cand, n_keep);
 
             std::fill(kept.begin(), kept.end(), 0);
-            for (uint32_t i : keep) {
-                kept[used[i]] = 1;
+            for (const auto & c : cand) {
+                kept[used[c.idx]] = 1;
             }
 
             // kept entries below n_keep stay; the others fill the cells below n_keep that are free or evicted
-            std::vector<uint32_t> holes;
-            std::vector<uint32_t> movers;
+            holes.clear();
+            movers.clear();
             for (uint32_t c = 0; c < n_cells; ++c) {
                 if (c < n_keep && !kept[c]) {
                     holes.push_back(c);
@@ -516,11 +750,12 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
             GGML_ASSERT(holes.size() >= movers.size());
 
             auto record = [&](uint32_t from, uint32_t to) {
-                for (uint32_t h = 0; h < nh; ++h) {
-                    if (params.per_head && h != g) {
-                        continue;
+                if (params.per_head) {
+                    new_tpos[ikv][(size_t) to*nh + g] = true_pos(ikv, from, g);
+                } else {
+                    for (uint32_t h = 0; h < nh; ++h) {
+                        new_tpos[ikv][(size_t) to*nh + h] = true_pos(ikv, from, h);
                     }
-                    new_tpos[ikv][(size_t) to*nh + h] = true_pos(ikv, from, h);
                 }
             };
             for (uint32_t c = 0; c < std::min(n_cells, n_keep); ++c) {
@@ -535,8 +770,9 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
             }
         }
     }
+    const int64_t t_rank_end_us = ggml_time_us();
 
-    // move the kept rows on the backend: rows[dst] = rows[src] for K, V and the norms
+    // 3. move the kept rows on the backend: rows[dst] = rows[src] for K, V and the norms
     uint64_t n_moved = 0;
     {
         auto * sched = lctx->get_sched();
@@ -584,6 +820,7 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
             }
         }
     }
+    const int64_t t_move_end_us = ggml_time_us();
 
     // cells [0, n_keep) now hold the kept entries of every (layer, head): give them virtual positions
     // that end at the last position, so that they stay visible to every later token
@@ -600,13 +837,20 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
     p_comp_max = pos_last;
     tpos       = std::move(new_tpos);
 
+    const int64_t t_end_us = ggml_time_us();
+
     n_evictions  += 1;
     n_dropped    += n_used - n_keep;
     n_moved_rows += n_moved;
-    t_evict_us   += ggml_time_us() - t_start_us;
+    t_evict_us   += t_end_us - t_start_us;
+    t_feature_us += t_feature_end_us - t_start_us;
+    t_rank_us    += t_rank_end_us - t_feature_end_us;
+    t_move_us    += t_move_end_us - t_rank_end_us;
 
-    LLAMA_LOG_DEBUG("%s: kept %u of %u entries per layer and head, moved %llu rows in %.2f ms\n", __func__,
-            n_keep, n_used, (unsigned long long) n_moved, (ggml_time_us() - t_start_us)/1000.0);
+    LLAMA_LOG_DEBUG("%s: kept %u of %u entries per layer and head, moved %llu rows in %.2f ms "
+            "(features %.2f, ranking %.2f, moves %.2f)\n", __func__, n_keep, n_used, (unsigned long long) n_moved,
+            (t_end_us - t_start_us)/1000.0, (t_feature_end_us - t_start_us)/1000.0,
+            (t_rank_end_us - t_feature_end_us)/1000.0, (t_move_end_us - t_rank_end_us)/1000.0);
 
     return true;
 }

@@ -19,6 +19,7 @@
 #pragma once
 
 #include "llama-l2kv.h"
+#include "llama-l2kv-scorer.h"
 
 #include "llama-batch.h"
 #include "llama-memory.h"
@@ -36,6 +37,31 @@ class llama_kv_cells;
 struct llama_context;
 struct ggml_context;
 struct ggml_tensor;
+
+// one entry of a selection, with its sort keys precomputed
+struct llama_l2kv_candidate {
+    float    key;  // the policy's score, NaN mapped to +inf
+    int32_t  pos;  // true position
+    uint32_t idx;  // index in the group
+    bool     prot; // a protected sink or recent entry
+};
+
+// the candidates of one (layer, group): protected entries are pos < n_sink or pos > pos_last - n_recent
+void llama_l2kv_candidates(
+        const int32_t * pos,
+          const float * score,
+             uint32_t   n,
+             uint32_t   n_sink,
+             uint32_t   n_recent,
+              int32_t   pos_last,
+        std::vector<llama_l2kv_candidate> & out);
+
+// the order of the selection rule: protected first, then ascending score, ties to the newer position
+// (then to the lower index, so that it is a strict total order)
+bool llama_l2kv_candidate_better(const llama_l2kv_candidate & a, const llama_l2kv_candidate & b);
+
+// shrink cand to its n_keep best entries, in no particular order (linear time: what an eviction needs)
+void llama_l2kv_keep_best(std::vector<llama_l2kv_candidate> & cand, uint32_t n_keep);
 
 // the selection rule, shared by the eviction and by tests: returns the cells to keep, in order of
 // preference, for one (layer, head) group
@@ -68,6 +94,8 @@ struct llama_kv_cache_l2 {
     std::vector<int32_t> skip_layers; // model layer ids (params.skip_layers points here)
     std::vector<bool>    skip;        // [ikv] the layer keeps sinks + recent entries
 
+    std::unique_ptr<llama_l2kv_scorer> scorer; // the policy
+
     // per cache layer: squared key norms, F32 [n_head_kv, kv_size]
     std::vector<ggml_tensor *> kn;
 
@@ -89,11 +117,24 @@ struct llama_kv_cache_l2 {
     bool pending_reset = true;  // graphs built before enabling must not be reused
     bool pending_evict = false; // llama_l2kv_evict_now() asked for an eviction
 
+    // llama_l2kv_read_key_cosines() asked for the key cosines of a layer (they may need a graph on the
+    // scheduler, so they are computed in a memory update, like an eviction)
+    struct {
+        bool      active      = false;
+        uint32_t  ikv         = 0;
+        float   * out         = nullptr;
+        int32_t   n_cells_max = 0;
+        int32_t   result      = 0;
+    } pending_read;
+
     // counters
     uint64_t n_evictions  = 0;
     uint64_t n_dropped    = 0;
     uint64_t n_moved_rows = 0;
-    int64_t  t_evict_us   = 0;
+    int64_t  t_evict_us   = 0; // all of evict()
+    int64_t  t_feature_us = 0; // of which: norm read-back and the key-cosine graph
+    int64_t  t_rank_us    = 0; // of which: scores and selection on the host
+    int64_t  t_move_us    = 0; // of which: the compaction graph
 
     // access to the state of a cache (this struct is a friend of llama_kv_cache)
     static llama_kv_cache_l2 * get(const llama_kv_cache & kv);
@@ -128,6 +169,30 @@ struct llama_kv_cache_l2 {
 
     // evict down to params.kv_budget entries per (layer, group); returns false on a backend failure
     bool evict(llama_context * lctx);
+
+    // the scorer of cache layer ikv (the recency scorer for skipped layers)
+    const llama_l2kv_scorer & layer_scorer(uint32_t ikv) const;
+
+    // the features the scorers of the layers in `layers` read, for the cells in `used` (all non-empty
+    // cells, ascending); out[ikv] is laid out [cell*n_head + head] for cells [0, used.back() + 1);
+    // false on a backend failure
+    struct layer_features {
+        std::vector<float> norm2;
+        std::vector<float> kcos;
+    };
+    bool compute_features(llama_context * lctx, const std::vector<uint32_t> & used, const std::vector<uint32_t> & layers,
+            std::vector<layer_features> & out, uint32_t extra_features = 0);
+
+    // the key cosines of cache layer ikv computed on the host, for a K cache in host memory
+    void key_cosines_host(uint32_t ikv, const std::vector<uint32_t> & used, std::vector<float> & kcos) const;
+
+    // the scores of every entry of cache layer ikv's group g: pos[i], score[i] for the cells in used
+    void group_scores(uint32_t ikv, uint32_t g, const std::vector<uint32_t> & used, const layer_features & feat,
+            std::vector<int32_t> & pos, std::vector<float> & score) const;
+
+    // the key cosines of cache layer ikv for cells [0, n), [cell*n_head + head]; returns n or a negative
+    // status (may run a graph: call it from a memory update, see pending_read)
+    int32_t read_key_cosines(llama_context * lctx, uint32_t ikv, float * out, int32_t n_cells_max);
 
     // true position of the entry in (cache layer ikv, cell, kv head)
     int32_t true_pos(uint32_t ikv, uint32_t cell, uint32_t head) const;

@@ -126,7 +126,7 @@ int32_t llama_l2kv_enable(struct llama_context * ctx, const struct llama_l2kv_pa
                 "create the context with n_ctx >= %u\n", __func__, params->kv_budget, n_batch, kv_size, params->kv_budget + n_batch);
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
     }
-    if (params->policy < LLAMA_L2KV_POLICY_KEEP_LOW_NORM || params->policy > LLAMA_L2KV_POLICY_WINDOW) {
+    if (params->policy < LLAMA_L2KV_POLICY_KEEP_LOW_NORM || params->policy > LLAMA_L2KV_POLICY_HYBRID) {
         llama_l2kv_error("%s: policy (%d) is not a llama_l2kv_policy\n", __func__, params->policy);
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
     }
@@ -231,6 +231,9 @@ int32_t llama_l2kv_get_stats(const struct llama_context * ctx, struct llama_l2kv
         out->n_dropped         = l2->n_dropped;
         out->n_moved_rows      = l2->n_moved_rows;
         out->t_evict_ms        = l2->t_evict_us/1000.0;
+        out->t_feature_ms      = l2->t_feature_us/1000.0;
+        out->t_rank_ms         = l2->t_rank_us/1000.0;
+        out->t_move_ms         = l2->t_move_us/1000.0;
         out->kv_bytes          = l2->kv_bytes();
         out->norm_bytes        = l2->norm_bytes();
     }
@@ -297,6 +300,27 @@ int32_t llama_l2kv_read_layer(struct llama_context * ctx, int32_t il, float * no
         }
     }
     return (int32_t) n;
+}
+
+int32_t llama_l2kv_read_key_cosines(struct llama_context * ctx, int32_t il, float * cosines, int32_t n_cells_max) {
+    llama_l2kv_clear_error();
+    if (ctx == nullptr || cosines == nullptr || n_cells_max < 0) {
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    const int32_t nh = llama_l2kv_n_head_kv(ctx, il);
+    if (nh < 0) {
+        return nh;
+    }
+    llama_kv_cache_l2 * l2 = llama_l2kv_get_enabled(ctx, __func__);
+    auto & rd = l2->pending_read;
+    rd.active      = true;
+    rd.ikv         = l2->layer_ikv(il);
+    rd.out         = cosines;
+    rd.n_cells_max = n_cells_max;
+    rd.result      = LLAMA_L2KV_STATUS_COMPUTE_FAILED;
+    ctx->memory_update(false);
+    rd.active = false;
+    return rd.result;
 }
 
 int32_t llama_l2kv_evict_now(struct llama_context * ctx) {
