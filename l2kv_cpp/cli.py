@@ -198,9 +198,10 @@ def _eviction_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--skip-layers",
-            default=",".join(map(str, d.effective_skip_layers)),
+            default="default",
             show_default=True,
-            help="layers that keep sinks + recent tokens instead ('none' for none)",
+            help="layers that keep sinks + recent tokens instead: ids, 'none', or 'default' "
+            "(0,1 for keep-low-norm, keep-high-norm and random as in the paper; none for the others)",
         ),
     )(fn)
 

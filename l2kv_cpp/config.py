@@ -27,6 +27,11 @@ class Policy(IntEnum):
         """The name used on the command line and in evaluation records, e.g. "keep-low-norm"."""
         return self.name.lower().replace("_", "-")
 
+    @property
+    def default_skip_layers(self) -> tuple[int, ...]:
+        """Layers kept by recency unless set: the paper's (0, 1) for its rule, its control and random; none else."""
+        return (0, 1) if self in (Policy.KEEP_LOW_NORM, Policy.KEEP_HIGH_NORM, Policy.RANDOM) else ()
+
     @classmethod
     def parse(cls, value: str | int | Policy) -> Policy:
         if isinstance(value, cls):
@@ -53,10 +58,10 @@ class L2KVConfig:
     kv_budget: int = 4096  # entries kept per layer and KV head after an eviction
     n_sink: int = 4  # first tokens never evicted
     n_recent: int = 32  # newest tokens never evicted
-    policy: Policy = Policy.KEEP_LOW_NORM
+    policy: Policy = Policy.KEY_DIFF  # chosen by the evaluation (docs/results.md); KEEP_LOW_NORM is the paper's
     per_head: bool = True  # False: one choice per layer, by the sum of the heads' key norms
     seed: int = 0  # for Policy.RANDOM
-    skip_layers: tuple[int, ...] | None = None  # None: the paper's (0, 1); (): skip none
+    skip_layers: tuple[int, ...] | None = None  # None: the policy's default (see default_skip_layers); (): none
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", Policy.parse(self.policy))
@@ -78,7 +83,7 @@ class L2KVConfig:
 
     @property
     def effective_skip_layers(self) -> tuple[int, ...]:
-        return (0, 1) if self.skip_layers is None else self.skip_layers
+        return self.policy.default_skip_layers if self.skip_layers is None else self.skip_layers
 
     def to_c(self, ffi: Any) -> tuple[Any, Any]:
         """A `struct llama_l2kv_params *` and the array it points to (keep both alive during the call)."""

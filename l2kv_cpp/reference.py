@@ -4,8 +4,9 @@ Per (layer, KV head) group, an eviction keeps `n_keep` entries: the protected on
 `n_sink` first positions and the `n_recent` newest), then by ascending score, ties to the newer
 position. The score is the key's L2 norm (keep-low-norm), its negation (keep-high-norm), a
 seeded hash of (seed, layer, head, position) (random), minus the position (window, and the
-skipped layers), the cosine of the key with its head's mean unit key (key-diff), or the sum of
-an entry's ranks by norm and by cosine (hybrid). In per-layer mode the norm and cosine scores
+skipped layers), the cosine of the key with its head's mean unit key (key-diff), or
+min(rank by norm / 0.25, rank by cosine / 0.75) (hybrid: a quarter of the kept entries by norm,
+three quarters by cosine). In per-layer mode the norm and cosine scores
 are summed over the heads.
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 from .config import L2KVConfig, Policy
 
 _MASK = (1 << 64) - 1
+HYBRID_NORM_SHARE = 0.25  # llama_l2kv_scorer_hybrid::norm_share
 
 
 def select(pos: np.ndarray, score: np.ndarray, n_keep: int, n_sink: int, n_recent: int, pos_last: int) -> np.ndarray:
@@ -89,8 +91,11 @@ def group_scores(
     if config.policy == Policy.KEY_DIFF:
         return _per_group(config, group, kcos)
     s = _per_group(config, group, norms)
-    if config.policy == Policy.HYBRID:
-        return ranks(s, pos) + ranks(_per_group(config, group, kcos), pos)
+    if config.policy == Policy.HYBRID:  # merge: a quarter by norm, three quarters by cosine
+        share = np.float32(HYBRID_NORM_SHARE)
+        by_norm = ranks(s, pos) / share
+        by_cos = ranks(_per_group(config, group, kcos), pos) / (np.float32(1.0) - share)
+        return np.minimum(by_norm, by_cos).astype(np.float32)
     return -s if config.policy == Policy.KEEP_HIGH_NORM else s
 
 

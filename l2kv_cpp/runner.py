@@ -38,9 +38,14 @@ def settings_from_options(opts: dict[str, Any]) -> dict[str, Any]:
         raise InvalidParamsError("eviction needs flash attention: drop -fa off (the V cache must not be transposed)")
     skip = opts["skip_layers"].strip().lower()
     try:
-        skip_layers = () if skip in ("", "none") else tuple(int(x) for x in skip.split(","))
+        if skip == "default":
+            skip_layers = None
+        else:
+            skip_layers = () if skip in ("", "none") else tuple(int(x) for x in skip.split(","))
     except ValueError:
-        raise InvalidParamsError(f"--skip-layers must be comma-separated layer ids or 'none' (got {skip!r})") from None
+        raise InvalidParamsError(
+            f"--skip-layers must be comma-separated layer ids or 'none' or 'default' (got {skip!r})"
+        ) from None
     l2kv = L2KVConfig(
         kv_budget=opts["kv_budget"],
         n_sink=opts["n_sink"],

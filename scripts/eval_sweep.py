@@ -40,7 +40,7 @@ GRIDS = {
         ],
         "passkey_keeps": (0.9, 0.7, 0.5, 0.3, 0.1),
         "niah": [niah.NiahCase(n_tokens=n, depth=d) for n in (1000, 2000) for d in (0.1, 0.5, 0.9)],
-        "niah_keeps": (0.7, 0.5, 0.3),
+        "niah_keeps": (0.75, 0.5, 0.25),
         "ppl_tokens": 2048,
         "ppl_keeps": (0.9, 0.7, 0.5, 0.3, 0.1),
     },
@@ -70,7 +70,9 @@ def main() -> int:
             run_ppl(args.model, grid["ppl_tokens"], compressions(grid["ppl_keeps"]), store)
         else:
             ap.error(f"unknown task {task!r}")
-        records = list(store.records())
+        keeps = set(grid["ppl_keeps" if task == "ppl" else f"{task}_keeps"]) | {1.0}
+        # the store may hold runs of earlier grids: tables and plots show this grid's ratios
+        records = [r for r in store.records() if r["config"]["keep"] in keeps]
         stem = f"{Path(model_name).stem}-{task}"
         if task == "ppl":
             table = report.ppl_table(records, model_name)

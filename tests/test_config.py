@@ -18,11 +18,12 @@ def test_python_defaults_equal_the_c_defaults(native):
         4096,
         4,
         32,
-        int(Policy.KEEP_LOW_NORM),
+        int(Policy.KEY_DIFF),
         True,
         -1,
     )
-    assert L2KVConfig().effective_skip_layers == (0, 1)
+    assert L2KVConfig().effective_skip_layers == ()
+    assert L2KVConfig(policy="keep-low-norm").effective_skip_layers == (0, 1)
 
 
 def test_config_round_trips_through_the_c_struct(native):

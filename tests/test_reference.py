@@ -46,8 +46,8 @@ def test_random_score_matches_reference():
 
 
 CONFIGS = [
-    L2KVConfig(kv_budget=96, n_sink=2, n_recent=8, skip_layers=()),
-    L2KVConfig(kv_budget=96, n_sink=0, n_recent=0, per_head=False, skip_layers=()),
+    L2KVConfig(kv_budget=96, n_sink=2, n_recent=8, policy=Policy.KEEP_LOW_NORM, skip_layers=()),
+    L2KVConfig(kv_budget=96, n_sink=0, n_recent=0, policy=Policy.KEEP_LOW_NORM, per_head=False),
     L2KVConfig(kv_budget=96, n_sink=4, n_recent=4, policy=Policy.KEEP_HIGH_NORM),
     L2KVConfig(kv_budget=96, n_sink=4, n_recent=4, policy=Policy.RANDOM, seed=7, skip_layers=(1,)),
     L2KVConfig(kv_budget=96, n_sink=4, n_recent=4, policy=Policy.WINDOW),
@@ -89,7 +89,7 @@ def test_native_eviction_keeps_what_the_reference_keeps(tiny_model, config):
 
 
 def test_heads_keep_different_tokens_and_norms_move_with_rows(tiny_model):
-    config = L2KVConfig(kv_budget=96, n_sink=0, n_recent=0, skip_layers=())
+    config = L2KVConfig(kv_budget=96, n_sink=0, n_recent=0, skip_layers=(), policy=Policy.KEEP_LOW_NORM)
     llm = make_llm(tiny_model)
     try:
         cache.enable(llm.ctx, config)

@@ -38,7 +38,7 @@ class Compression:
     keep: float  # fraction of the document's tokens kept (1.0 for full)
     n_sink: int = 4
     n_recent: int = 32
-    skip_layers: tuple[int, ...] | None = None  # None: the paper's (0, 1)
+    skip_layers: tuple[int, ...] | None = None  # None: the policy's default (Policy.default_skip_layers)
     seed: int = 0
 
     def budget(self, n_doc: int) -> int | None:

@@ -17,6 +17,8 @@ LABELS = {
     "keep-high-norm": "keep highest norm",
     "random": "random",
     "window": "sink + recent window",
+    "key-diff": "KeyDiff: keep distinctive keys",
+    "hybrid": "hybrid: norm + diversity ranks",
     "full": "full cache",
 }
 

@@ -43,13 +43,14 @@ extern "C" {
 
     // which entries survive an eviction, per layer and KV head (or per layer, see per_head)
     enum llama_l2kv_policy {
-        LLAMA_L2KV_POLICY_KEEP_LOW_NORM  = 0, // keep the keys with the lowest L2 norm (the paper's rule, default)
+        LLAMA_L2KV_POLICY_KEEP_LOW_NORM  = 0, // keep the keys with the lowest L2 norm (the paper's rule)
         LLAMA_L2KV_POLICY_KEEP_HIGH_NORM = 1, // keep the highest-norm keys (the paper's negative control)
         LLAMA_L2KV_POLICY_RANDOM         = 2, // keep a seeded pseudo-random subset (depends only on seed, layer, head, position)
         LLAMA_L2KV_POLICY_WINDOW         = 3, // keep the n_sink first and the most recent tokens (StreamingLLM)
         LLAMA_L2KV_POLICY_KEY_DIFF       = 4, // keep the keys least similar (cosine) to their head's mean unit key
-                                              // (KeyDiff, arXiv:2504.15364), computed on the backend from the cached K
-        LLAMA_L2KV_POLICY_HYBRID         = 5, // keep the lowest sum of the two ranks: by key norm and by key cosine
+                                              // (KeyDiff, arXiv:2504.15364), computed from the cached K (the default)
+        LLAMA_L2KV_POLICY_HYBRID         = 5, // a merge of two rankings: 1/4 of the entries by lowest key norm,
+                                              // 3/4 by KeyDiff (score min(rank_norm/0.25, rank_cos/0.75))
     };
 
     struct llama_l2kv_params {
@@ -62,7 +63,8 @@ extern "C" {
         bool     per_head;           // true: each KV head keeps its own entries (the paper); false: one choice per layer,
                                      // scored by the sum of the heads' key norms
         uint64_t seed;               // seed of LLAMA_L2KV_POLICY_RANDOM
-        int32_t  n_skip_layers;      // entries in skip_layers; -1: the paper's default, layers {0, 1}; 0: skip none
+        int32_t  n_skip_layers;      // entries in skip_layers; 0: skip none; -1: the policy's default: layers {0, 1}
+                                     // for KEEP_LOW_NORM, KEEP_HIGH_NORM and RANDOM (the paper's setting), none else
         const int32_t * skip_layers; // model layer ids that keep the n_sink first + most recent tokens instead
                                      // (every layer must hold the same number of entries, so skipped layers cannot
                                      // keep everything); copied by llama_l2kv_enable
@@ -83,7 +85,7 @@ extern "C" {
         double   t_feature_ms;       //   reading the key norms back and computing key cosines (KEY_DIFF, HYBRID)
         double   t_rank_ms;          //   scoring and selecting on the host
         double   t_move_ms;          //   the compaction graph
-        uint64_t kv_bytes;           // K/V buffer size of the budgeted cache
+        uint64_t kv_bytes;           // K/V buffer size of the budgeted cache (also when eviction is off)
         uint64_t norm_bytes;         // size of the per-layer key norm buffers
     };
 
@@ -116,7 +118,7 @@ extern "C" {
     // writes the answer to *out and returns a status
     LLAMA_API int32_t llama_l2kv_get_flash_attn(const struct llama_context * ctx, bool * out);
 
-    // defaults: kv_budget 4096, n_sink 4, n_recent 32, keep-low-norm, per head, seed 0, skip layers {0, 1}
+    // defaults: kv_budget 4096, n_sink 4, n_recent 32, KEY_DIFF, per head, seed 0, the policy's skip layers (-1)
     LLAMA_API struct llama_l2kv_params llama_l2kv_default_params(void);
 
     // enable eviction on a context whose KV cache is still empty (call before the first decode)

@@ -111,6 +111,17 @@ std::vector<uint32_t> llama_l2kv_select(
     return idx;
 }
 
+std::vector<int32_t> llama_l2kv_default_skip_layers(int32_t policy) {
+    switch (policy) {
+        case LLAMA_L2KV_POLICY_KEEP_LOW_NORM:
+        case LLAMA_L2KV_POLICY_KEEP_HIGH_NORM:
+        case LLAMA_L2KV_POLICY_RANDOM:
+            return { 0, 1 };
+        default:
+            return {};
+    }
+}
+
 static uint64_t llama_l2kv_splitmix64(uint64_t x) {
     x += 0x9E3779B97F4A7C15ull;
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -246,6 +257,10 @@ size_t llama_kv_cache_l2::norm_bytes() const {
 }
 
 size_t llama_kv_cache_l2::kv_bytes() const {
+    return kv_bytes(kv);
+}
+
+size_t llama_kv_cache_l2::kv_bytes(const llama_kv_cache & kv) {
     return kv.total_size();
 }
 

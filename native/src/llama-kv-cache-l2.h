@@ -77,6 +77,10 @@ std::vector<uint32_t> llama_l2kv_select(
         uint32_t n_recent,
         int32_t  pos_last);
 
+// the layers a policy keeps by recency when n_skip_layers is -1: {0, 1} for the key-norm rule, its control and
+// random (the paper leaves its first two layers uncompressed), none for the others
+std::vector<int32_t> llama_l2kv_default_skip_layers(int32_t policy);
+
 // log an error through llama.cpp's log and keep it (without the trailing newline) for llama_l2kv_last_error()
 void llama_l2kv_error(const char * fmt, ...);
 void llama_l2kv_clear_error();
@@ -156,6 +160,9 @@ struct llama_kv_cache_l2 {
 
     size_t norm_bytes() const;
     size_t kv_bytes() const;
+
+    // K/V buffer size of any cache, with or without eviction (total_size is private to llama_kv_cache)
+    static size_t kv_bytes(const llama_kv_cache & kv);
 
     // graph hook: store the squared norms of k_cur [n_embd_head_k, n_head_kv, n_tokens] (nullptr when
     // the layer is not under eviction)

@@ -96,10 +96,17 @@ static void llama_l2kv_ranks(const std::vector<float> & score, const int32_t * p
     }
 }
 
-// rank fusion of the two attention-free signals: the sum of an entry's rank by key norm (low first)
-// and by key cosine to the mean key (low first). The norm alone tracks attention in most layers but
-// not where keys are normalised (QK-norm); diversity alone ignores the norm's signal
+// a merge of the two attention-free rankings: a quarter of the kept entries by key norm (low first),
+// three quarters by key diversity (KeyDiff). Entry i scores min(rank_norm/s, rank_cos/(1 - s)), so the
+// best B entries take about s*B from the head of the norm ranking and (1 - s)*B from the head of the
+// cosine ranking (an entry on both lists counts once and lets both lists go further).
+// Why: the key norm predicts where attention mass goes (negative norm-attention rank correlation in
+// most layers, docs/results.md), so its head holds the attention sinks that keep the softmax
+// calibrated; but keeping only low-norm keys drops the rare, distinctive keys that retrieval needs,
+// which is exactly what KeyDiff keeps
 struct llama_l2kv_scorer_hybrid : llama_l2kv_scorer {
+    static constexpr float norm_share = 0.25f;
+
     uint32_t features() const override {
         return LLAMA_L2KV_FEATURE_NORM2 | LLAMA_L2KV_FEATURE_KEY_COSINE;
     }
@@ -114,7 +121,7 @@ struct llama_l2kv_scorer_hybrid : llama_l2kv_scorer {
         llama_l2kv_ranks(by_norm, g.pos, r_norm);
         llama_l2kv_ranks(by_cos,  g.pos, r_cos);
         for (uint32_t i = 0; i < g.n; ++i) {
-            out[i] = r_norm[i] + r_cos[i]; // exact in float below 2^23 entries
+            out[i] = std::min(r_norm[i]/norm_share, r_cos[i]/(1.0f - norm_share));
         }
     }
 

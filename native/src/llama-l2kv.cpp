@@ -81,7 +81,7 @@ struct llama_l2kv_params llama_l2kv_default_params(void) {
         /*.kv_budget     =*/ 4096,
         /*.n_sink        =*/ 4,
         /*.n_recent      =*/ 32,
-        /*.policy        =*/ LLAMA_L2KV_POLICY_KEEP_LOW_NORM,
+        /*.policy        =*/ LLAMA_L2KV_POLICY_KEY_DIFF,
         /*.per_head      =*/ true,
         /*.seed          =*/ 0,
         /*.n_skip_layers =*/ -1,
@@ -136,7 +136,7 @@ int32_t llama_l2kv_enable(struct llama_context * ctx, const struct llama_l2kv_pa
     }
     std::vector<int32_t> skip;
     if (params->n_skip_layers == -1) {
-        skip = { 0, 1 }; // the paper leaves its first two layers uncompressed
+        skip = llama_l2kv_default_skip_layers(params->policy);
     } else {
         skip.assign(params->skip_layers, params->skip_layers + params->n_skip_layers);
     }
@@ -223,6 +223,7 @@ int32_t llama_l2kv_get_stats(const struct llama_context * ctx, struct llama_l2kv
     out->kv_size      = kv->get_size();
     out->n_cells_used = cells.get_used();
     out->pos_max      = cells.seq_pos_max(0);
+    out->kv_bytes     = llama_kv_cache_l2::kv_bytes(*kv);
     if (l2) {
         out->kv_budget         = l2->params.kv_budget;
         out->n_cells_compacted = l2->n_comp;
@@ -234,7 +235,6 @@ int32_t llama_l2kv_get_stats(const struct llama_context * ctx, struct llama_l2kv
         out->t_feature_ms      = l2->t_feature_us/1000.0;
         out->t_rank_ms         = l2->t_rank_us/1000.0;
         out->t_move_ms         = l2->t_move_us/1000.0;
-        out->kv_bytes          = l2->kv_bytes();
         out->norm_bytes        = l2->norm_bytes();
     }
     return LLAMA_L2KV_STATUS_OK;
