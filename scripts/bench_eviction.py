@@ -10,7 +10,10 @@ All ratios are measured in one run, on the same context settings:
   2. eviction cost: time per eviction event and its share of decode time, while decoding
      --gen-tokens tokens one at a time past the budget (one eviction per n_batch tokens);
   3. depth: decode tokens/s after a prompt of 8x the budget divided by decode tokens/s after a
-     prompt of 1x the budget (both with eviction on).
+     prompt of 1x the budget (both with eviction on);
+  4. the cost of each policy's scorer: library time per eviction event while decoding past the
+     budget, split into features (norm read-back, key cosines) / ranking / moves, and the wall
+     time the evicting decode calls took beyond a plain decode call.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import numpy as np  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from l2kv_cpp import cache  # noqa: E402
-from l2kv_cpp.config import L2KVConfig  # noqa: E402
+from l2kv_cpp.config import L2KVConfig, Policy  # noqa: E402
 from l2kv_cpp.decode import decode  # noqa: E402
 from l2kv_cpp.models import resolve_model  # noqa: E402
 from l2kv_cpp.tiny_model import TinyModelConfig, write_tiny_model  # noqa: E402
@@ -143,6 +146,42 @@ def bench_model(name: str, model: Path, budget: int, n_batch: int, gen: int, rep
     return rows
 
 
+def bench_policies(name: str, model: Path, budget: int, n_batch: int, threads: int | None, events: int = 6):
+    vocab = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False).n_vocab()
+    rows = []
+    for policy in Policy:
+        llm = make(model, budget + n_batch, n_batch, threads)
+        cache.enable(llm.ctx, L2KVConfig(kv_budget=budget, policy=policy))
+        decode(llm, tokens(budget, 2, vocab), 0)
+        s0 = cache.stats(llm.ctx)
+        plain, evicting = [], []
+        for i in range(events * n_batch):
+            n_before = cache.stats(llm.ctx).n_evictions
+            t = time.perf_counter()
+            decode(llm, [100 + i % 50], budget + i)
+            dt = time.perf_counter() - t
+            (evicting if cache.stats(llm.ctx).n_evictions > n_before else plain).append(dt)
+        s1 = cache.stats(llm.ctx)
+        llm.close()
+        n = s1.n_evictions - s0.n_evictions
+
+        def per(field: str, s0=s0, s1=s1, n=n) -> float:
+            return (getattr(s1, field) - getattr(s0, field)) / n
+
+        wall = 1e3 * (statistics.median(evicting) - statistics.median(plain))
+        rows.append(
+            [
+                name,
+                f"eviction per event, {policy.cli_name}",
+                f"{per('t_evict_ms'):.2f} ms = {per('t_feature_ms'):.2f} + {per('t_rank_ms'):.2f} + "
+                f"{per('t_move_ms'):.2f} ({n} events)",
+                f"wall {wall:.2f} ms; {100 * wall / 1e3 / (n_batch * statistics.median(plain)):.2f}% of decode",
+                "features + rank + move",
+            ]
+        )
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", help="model name or GGUF path (default: smollm2)")
@@ -152,17 +191,23 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-tiny", action="store_true", help="skip the tiny random model")
+    ap.add_argument("--policies-only", action="store_true", help="only part 4, the cost of each policy")
     args = ap.parse_args()
 
-    rows = bench_model(
-        args.model, resolve_model(args.model), args.budget, args.batch, args.gen_tokens, args.repeats, args.threads
+    model = resolve_model(args.model)
+    rows = (
+        []
+        if args.policies_only
+        else bench_model(args.model, model, args.budget, args.batch, args.gen_tokens, args.repeats, args.threads)
     )
+    rows += bench_policies(args.model, model, args.budget, args.batch, args.threads)
     if not args.no_tiny:
         with tempfile.TemporaryDirectory() as tmp:
             tiny = write_tiny_model(Path(tmp) / "tiny.gguf", TinyModelConfig(n_layer=8, head_dim=64, n_ff=512))
-            rows += bench_model(
-                "tiny (8L, 4H/2KV, d64)", tiny, args.budget, args.batch, args.gen_tokens, args.repeats, args.threads
-            )
+            name = "tiny (8L, 4H/2KV, d64)"
+            if not args.policies_only:
+                rows += bench_model(name, tiny, args.budget, args.batch, args.gen_tokens, args.repeats, args.threads)
+            rows += bench_policies(name, tiny, args.budget, args.batch, args.threads)
     print(tabulate(rows, headers=["model", "measure", "values", "result", "target"], tablefmt="github"))
     return 0
 

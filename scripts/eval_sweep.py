@@ -4,6 +4,7 @@
     python scripts/eval_sweep.py --model smollm2                 # the documented grid (about 20 min here)
     python scripts/eval_sweep.py --model gemma3-270m --tasks passkey,ppl
     python scripts/eval_sweep.py --model smollm2 --grid smoke    # a minute: one case per task
+    python scripts/eval_sweep.py --model tiny --tasks ppl         # the 8-layer random-weight test model
 
 Records go to results/<task>.jsonl (a run whose record exists is skipped, so an interrupted sweep
 resumes); tables and plots go to docs/results/. See docs/results.md for the protocol and findings.
@@ -24,6 +25,21 @@ from l2kv_cpp.eval import niah, passkey, report  # noqa: E402
 from l2kv_cpp.eval.results import ResultStore  # noqa: E402
 from l2kv_cpp.eval.tasks import compressions, run_niah, run_passkey, run_ppl  # noqa: E402
 from l2kv_cpp.models import resolve_model  # noqa: E402
+from l2kv_cpp.tiny_model import TinyModelConfig, write_tiny_model  # noqa: E402
+from l2kv_cpp.upstream import cache_dir  # noqa: E402
+
+# `--model tiny`: a random-weight llama (its answers mean nothing; its KL divergence to the full
+# cache still measures how much each policy changes the outputs)
+TINY = TinyModelConfig(n_layer=8, head_dim=64, n_ff=512)
+
+
+def tiny_model_path() -> Path:
+    path = cache_dir() / "models" / "tiny-8L-hd64.gguf"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_tiny_model(path, TINY)
+    return path
+
 
 GRIDS = {
     "smoke": {
@@ -56,6 +72,8 @@ def main() -> int:
     ap.add_argument("--docs", type=Path, default=Path("docs/results"))
     args = ap.parse_args()
 
+    if args.model == "tiny":
+        args.model = str(tiny_model_path())
     grid = GRIDS[args.grid]
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     model_name = resolve_model(args.model).name
