@@ -32,7 +32,8 @@ class OpUse:
     must_mention: tuple[str, ...]  # tokens that must appear in the branch that decides for these types
 
 
-# every node of the key-norm store (cpy_k_norm) and of the compaction graph (evict)
+# every node of the key-norm store (cpy_k_norm), the key-cosine graph (KeyDiff, hybrid) and the
+# compaction graph (evict)
 USES = [
     OpUse("GGML_OP_SQR", "F32", "F32", "cpy_k_norm: k^2", ("GGML_TYPE_F32", "ggml_is_contiguous_rows")),
     OpUse("GGML_OP_SUM_ROWS", "F32", "F32", "cpy_k_norm: sum over the head", ("ggml_is_contiguous_rows",)),
@@ -44,6 +45,14 @@ USES = [
     OpUse("GGML_OP_VIEW", "F32", "F32", "cpy_k_norm views", ("return true",)),
     OpUse("GGML_OP_CONT", "F32", "F32", "cpy_k_norm, only if k_cur is not contiguous", ("GGML_TYPE_F32",)),
     OpUse("GGML_OP_CPY", "F16", "F32", "cpy_k_norm cast, only if k_cur is F16", ("GGML_TYPE_F16", "GGML_TYPE_F32")),
+    # the key-cosine graph reads the cache itself: get_rows dequantizes every cache type to F32
+    *[
+        OpUse("GGML_OP_GET_ROWS", t, "F32", "key cosines: the cached keys as F32", ("src[0]->type",))
+        for t in ("F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+    ],
+    OpUse("GGML_OP_L2_NORM", "F32", "F32", "key cosines: unit keys, unit mean key", ("ggml_is_contiguous_rows",)),
+    OpUse("GGML_OP_PERMUTE", "F32", "F32", "key cosines: cells to dim 0 before the sum", ("return true",)),
+    OpUse("GGML_OP_MUL", "F32", "F32", "key cosines: key x mean key, broadcast", ("GGML_TYPE_F32",)),
 ]
 
 

@@ -62,17 +62,24 @@ BYTE_EXACT_CASES = [
     *[(t, True, p) for t in ("f16", "q8_0") for p in (Policy.KEY_DIFF, Policy.HYBRID)],
     ("q4_0", False, Policy.KEY_DIFF),
 ]
+# the compaction and key-cosine graphs that GPU backends run (on the CPU the rows are copied in place)
+GRAPH_CASES = [("f16", True, Policy.KEY_DIFF), ("q4_0", False, Policy.KEY_DIFF), ("q8_0", True, Policy.KEEP_LOW_NORM)]
 
 
 @pytest.mark.parametrize(
-    ("cache_type", "per_head", "policy"),
-    BYTE_EXACT_CASES,
-    ids=[f"{t}-{'head' if h else 'layer'}-{p.cli_name}" for t, h, p in BYTE_EXACT_CASES],
+    ("cache_type", "per_head", "policy", "graphs"),
+    [(*c, False) for c in BYTE_EXACT_CASES] + [(*c, True) for c in GRAPH_CASES],
+    ids=[f"{t}-{'head' if h else 'layer'}-{p.cli_name}" for t, h, p in BYTE_EXACT_CASES]
+    + [f"{t}-{'head' if h else 'layer'}-{p.cli_name}-graphs" for t, h, p in GRAPH_CASES],
 )
-def test_kept_rows_are_byte_identical_to_a_stock_run(tiny_model_hd64, cache_type, per_head, policy):
+def test_kept_rows_are_byte_identical_to_a_stock_run(
+    tiny_model_hd64, monkeypatch, cache_type, per_head, policy, graphs
+):
     """Rows stored before the first eviction, and layer 0 rows (which depend only on token and
     position) through several evictions, equal the bytes a run without eviction stored."""
     n_batch, budget = 64, 128
+    if graphs:
+        monkeypatch.setenv("LLAMA_L2KV_FORCE_GRAPHS", "1")
     types = {"type_k": ggml_type_id(cache_type), "type_v": ggml_type_id(cache_type)}
     tokens = random_tokens(4 * 256)
     stock = _stock_rows(tiny_model_hd64, tokens, n_batch, **types)

@@ -18,7 +18,7 @@ LABELS = {
     "random": "random",
     "window": "sink + recent window",
     "key-diff": "KeyDiff: keep distinctive keys",
-    "hybrid": "hybrid: norm + diversity ranks",
+    "hybrid": "hybrid: 1/4 norm + 3/4 KeyDiff",
     "full": "full cache",
 }
 

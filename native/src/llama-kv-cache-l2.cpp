@@ -12,6 +12,7 @@
 #include "llama-kv-cache.h"
 
 #include <algorithm>
+#include <array>
 #include <cstdarg>
 #include <cstdlib>
 #include <cstring>
@@ -109,6 +110,10 @@ std::vector<uint32_t> llama_l2kv_select(
         idx[i] = cand[i].idx;
     }
     return idx;
+}
+
+bool llama_l2kv_force_graphs() {
+    return getenv("LLAMA_L2KV_FORCE_GRAPHS") != nullptr;
 }
 
 std::vector<int32_t> llama_l2kv_default_skip_layers(int32_t policy) {
@@ -474,7 +479,7 @@ bool llama_kv_cache_l2::compute_features(llama_context * lctx, const std::vector
 
     // a K cache in host memory (the CPU backend) is scored in place: a ggml graph for this reduction
     // needs a transposed copy of every key, which costs the CPU backend more than the whole eviction
-    const bool force_graph = getenv("LLAMA_L2KV_FEATURES_ON_BACKEND") != nullptr; // tests compare both paths
+    const bool force_graph = llama_l2kv_force_graphs();
 
     std::vector<uint32_t> cos_layers;
     for (uint32_t ikv : layers) {
@@ -557,6 +562,59 @@ bool llama_kv_cache_l2::compute_features(llama_context * lctx, const std::vector
     return true;
 }
 
+// exact IEEE half -> float for the host key cosines: ggml's scalar to_float for F16 took 80% of a KeyDiff
+// eviction on the CPU. x86-64 CPUs with F16C convert 8 values per instruction (checked at run time, the
+// library is built for the baseline ISA); elsewhere the branch-free conversion of ggml_compute_fp16_to_fp32
+// (after M. Dukhan's FP16 library) in a loop the compiler can vectorize
+static void llama_l2kv_fp16_to_fp32_portable(const uint16_t * x, float * y, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        const uint32_t w     = (uint32_t) x[i] << 16;
+        const uint32_t sign  = w & 0x80000000u;
+        const uint32_t two_w = w + w;
+
+        uint32_t bits = (two_w >> 4) + (0xE0u << 23);
+        float normalized;
+        memcpy(&normalized, &bits, sizeof(float));
+        normalized *= 0x1.0p-112f;
+
+        bits = (two_w >> 17) | (126u << 23);
+        float denormalized;
+        memcpy(&denormalized, &bits, sizeof(float));
+        denormalized -= 0.5f;
+
+        uint32_t nb;
+        uint32_t db;
+        memcpy(&nb, &normalized,   sizeof(float));
+        memcpy(&db, &denormalized, sizeof(float));
+        const uint32_t result = sign | (two_w < (1u << 27) ? db : nb);
+        memcpy(&y[i], &result, sizeof(float));
+    }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
+__attribute__((target("avx,f16c")))
+static void llama_l2kv_fp16_to_fp32_f16c(const uint16_t * x, float * y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (x + i))));
+    }
+    llama_l2kv_fp16_to_fp32_portable(x + i, y + i, n - i);
+}
+#endif
+
+static void llama_l2kv_fp16_to_fp32_row(const uint16_t * x, float * y, int64_t n) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    static const bool has_f16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+    if (has_f16c) {
+        llama_l2kv_fp16_to_fp32_f16c(x, y, n);
+        return;
+    }
+#endif
+    llama_l2kv_fp16_to_fp32_portable(x, y, n);
+}
+
 void llama_kv_cache_l2::key_cosines_host(uint32_t ikv, const std::vector<uint32_t> & used, std::vector<float> & kcos) const {
     const ggml_tensor * k = kv.layers[ikv].k;
 
@@ -576,6 +634,8 @@ void llama_kv_cache_l2::key_cosines_host(uint32_t ikv, const std::vector<uint32_
         float * dst = x.data() + (size_t) i*ne0;
         if (k->type == GGML_TYPE_F32) {
             memcpy(dst, row, ne0*sizeof(float));
+        } else if (k->type == GGML_TYPE_F16) {
+            llama_l2kv_fp16_to_fp32_row((const uint16_t *) row, dst, ne0);
         } else {
             traits->to_float(row, dst, ne0);
         }
@@ -787,25 +847,46 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
     }
     const int64_t t_rank_end_us = ggml_time_us();
 
-    // 3. move the kept rows on the backend: rows[dst] = rows[src] for K, V and the norms
+    // 3. move the kept rows: rows[dst] = rows[src] for K, V and the norms; sources (cells >= n_keep) and
+    //    destinations (cells < n_keep) never overlap. Layers in host memory (the CPU backend) copy in
+    //    place; the others run one compaction graph on their backend
+    const bool force_graph = llama_l2kv_force_graphs();
     uint64_t n_moved = 0;
     {
         auto * sched = lctx->get_sched();
-        ggml_backend_sched_reset(sched);
-
-        auto * res = lctx->get_gf_res_reserve();
-        res->reset();
-
-        auto * ctx = res->get_ctx();
-        auto * gf  = res->get_gf();
-
-        auto inp = std::make_unique<llm_graph_input_l2_moves>();
+        ggml_cgraph * gf = nullptr;
+        std::unique_ptr<llm_graph_input_l2_moves> inp;
+        llm_graph_result * res = nullptr;
 
         for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
             const int64_t n = mv_src[ikv].size();
             if (n == 0) {
                 continue;
             }
+            n_moved += n;
+
+            const std::array<ggml_tensor *, 3> tensors = { k_rows[ikv], v_rows[ikv], kn_rows[ikv] };
+            const bool on_host = !force_graph && std::all_of(tensors.begin(), tensors.end(),
+                    [](const ggml_tensor * t) { return ggml_backend_buffer_is_host(t->buffer); });
+            if (on_host) {
+                for (ggml_tensor * rows : tensors) {
+                    char * data = (char *) rows->data;
+                    const size_t nb1 = rows->nb[1];
+                    for (int64_t m = 0; m < n; ++m) {
+                        memcpy(data + (size_t) mv_dst[ikv][m]*nb1, data + (size_t) mv_src[ikv][m]*nb1, nb1);
+                    }
+                }
+                continue;
+            }
+
+            if (gf == nullptr) {
+                ggml_backend_sched_reset(sched);
+                res = lctx->get_gf_res_reserve();
+                res->reset();
+                gf  = res->get_gf();
+                inp = std::make_unique<llm_graph_input_l2_moves>();
+            }
+            auto * ctx = res->get_ctx();
             ggml_tensor * src = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
             ggml_tensor * dst = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
             ggml_set_input(src);
@@ -813,13 +894,12 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
             inp->src.emplace_back(src, std::move(mv_src[ikv]));
             inp->dst.emplace_back(dst, std::move(mv_dst[ikv]));
 
-            for (ggml_tensor * rows : { k_rows[ikv], v_rows[ikv], kn_rows[ikv] }) {
+            for (ggml_tensor * rows : tensors) {
                 ggml_build_forward_expand(gf, ggml_set_rows(ctx, rows, ggml_get_rows(ctx, rows, src), dst));
             }
-            n_moved += n;
         }
 
-        if (n_moved > 0) {
+        if (gf != nullptr) {
             res->add_input(std::move(inp));
 
             if (!ggml_backend_sched_alloc_graph(sched, gf)) {

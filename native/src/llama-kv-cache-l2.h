@@ -81,6 +81,10 @@ std::vector<uint32_t> llama_l2kv_select(
 // random (the paper leaves its first two layers uncompressed), none for the others
 std::vector<int32_t> llama_l2kv_default_skip_layers(int32_t policy);
 
+// LLAMA_L2KV_FORCE_GRAPHS is set: run the key-cosine and compaction graphs even where the cache is in host
+// memory (which is otherwise handled in place), so that the CPU tests cover what GPU backends run
+bool llama_l2kv_force_graphs();
+
 // log an error through llama.cpp's log and keep it (without the trailing newline) for llama_l2kv_last_error()
 void llama_l2kv_error(const char * fmt, ...);
 void llama_l2kv_clear_error();
