@@ -45,7 +45,7 @@ def _errors_as_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.group(context_settings={"auto_envvar_prefix": "L2KV", "help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="l2kv-cpp")
 def main() -> None:
-    """Long-context llama.cpp inference in bounded KV memory (L2-norm KV cache eviction)."""
+    """Long-context llama.cpp inference in bounded KV memory (KV cache eviction by key norm or key diversity)."""
 
 
 _MARK = {
@@ -186,7 +186,8 @@ def _eviction_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             default=d.policy.cli_name,
             show_default=True,
             type=click.Choice([p.cli_name for p in Policy]),
-            help="what an eviction keeps (keep-low-norm is the paper's L2 rule)",
+            help="what an eviction keeps: key-diff keeps distinctive keys (KeyDiff), keep-low-norm is the paper's "
+            "L2 rule, hybrid merges the two (docs/design.md)",
         ),
         click.option("--n-sink", default=d.n_sink, show_default=True, type=int, help="first tokens never evicted"),
         click.option("--n-recent", default=d.n_recent, show_default=True, type=int, help="newest tokens never evicted"),

@@ -114,7 +114,7 @@ def main() -> int:
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=256, help="n_batch = n_ubatch")
     ap.add_argument("--gen-tokens", type=int, default=2048, help="decoded tokens per run (timed)")
-    ap.add_argument("--policy", default=Policy.KEEP_LOW_NORM.cli_name, choices=[p.cli_name for p in Policy])
+    ap.add_argument("--policy", default=L2KVConfig().policy.cli_name, choices=[p.cli_name for p in Policy])
     ap.add_argument("--cache-type", default="f16")
     ap.add_argument("--gpu-layers", type=int, default=0, help="-1 offloads every layer (GPU builds)")
     ap.add_argument("--threads", type=int, default=None)

@@ -1,8 +1,10 @@
-// llama-l2kv.h - public C API of l2kv-cpp, an L2-norm KV cache eviction extension for llama.cpp
+// llama-l2kv.h - public C API of l2kv-cpp, a KV cache eviction extension for llama.cpp
 //
-// Keys with a low L2 norm draw high attention, so past a budget the cache keeps the lowest-norm keys
+// Past a budget, every layer and KV head keeps the entries its policy scores best, without attention
+// weights (so flash attention stays on): by default the keys least similar to their head's mean key
+// (KeyDiff, arXiv:2504.15364); or the keys with the lowest L2 norm, which draw high attention
 // (Devoto et al., "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression",
-// EMNLP 2024, arXiv:2406.11430).
+// EMNLP 2024, arXiv:2406.11430), the rule the project is named after; see enum llama_l2kv_policy.
 //
 // This header is compiled into libllama by the l2kv-cpp patch series (see patches/README.md in the
 // l2kv-cpp repository). The Python binding parses the declarations between the L2KV_CDEF markers

@@ -1,16 +1,17 @@
-// llama-kv-cache-l2.h - L2-norm eviction state of one llama_kv_cache (internal to libllama)
+// llama-kv-cache-l2.h - eviction state of one llama_kv_cache (internal to libllama)
 //
-// Devoto et al., "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression",
-// EMNLP 2024 (arXiv:2406.11430): keys with a low L2 norm draw high attention, so past a budget
-// every (layer, KV head) keeps its lowest-norm keys.
+// Past a budget, every (layer, KV head) keeps the entries its policy scores best (llama-l2kv-scorer.h):
+// KeyDiff (the default), the L2-norm rule of Devoto et al., EMNLP 2024 (arXiv:2406.11430), whose key
+// norms this file stores, and their baselines.
 //
 // How it works in this llama.cpp (design notes in the l2kv-cpp repository, docs/design.md):
 // - key norms: when K is stored, the graph also stores sum(k^2) per KV head into an F32 tensor
 //   kn[n_head_kv, kv_size] per layer, with the same cell indices as K (cpy_k_norm);
 // - eviction: when a batch finds no free cells, llama_context::decode asks the memory for an
 //   update (memory_update(true)); llama_kv_cache::init_update then returns our update context,
-//   which ranks the entries of every (layer, head) on the host and moves the kept K/V/norm rows
-//   into cells [0, T) with one get_rows/set_rows pair per tensor on the backend;
+//   which computes the features the policy reads (norms, key cosines), ranks the entries of every
+//   (layer, head) on the host and moves the kept K/V/norm rows into cells [0, T) (in place for host
+//   memory, else one get_rows/set_rows pair per tensor on the backend);
 // - every layer keeps the same number T of entries, so the shared cell metadata stays valid:
 //   cells [0, T) get virtual positions ending at the last position (all visible to later tokens,
 //   whose RoPE positions keep increasing); the true position of every (layer, cell, head) lives
