@@ -89,14 +89,20 @@ def evict_now(ctx: Any) -> None:
     _check(nat.lib.llama_l2kv_evict_now(nat.ctx_ptr(ctx)), "llama_l2kv_evict_now")
 
 
-def read_layer(ctx: Any, il: int) -> tuple[np.ndarray, np.ndarray]:
-    """(norms, positions) of model layer il, both shaped [cell, kv head]; empty cells have position -1."""
+def _layer_buffers(ctx: Any, il: int, dtypes: tuple[type, ...]) -> tuple[Any, list[np.ndarray]]:
+    """The context pointer and zeroed [kv_size, n_head_kv] arrays for a per-(cell, head) read of layer il."""
     nat = native()
     c = nat.ctx_ptr(ctx)
     n_head = _check(nat.lib.llama_l2kv_n_head_kv(c, il), f"llama_l2kv_n_head_kv(layer {il})")
     n_max = stats(ctx).kv_size
-    norms = np.zeros((n_max, n_head), dtype=np.float32)
-    pos = np.zeros((n_max, n_head), dtype=np.int32)
+    return c, [np.zeros((n_max, n_head), dtype=t) for t in dtypes]
+
+
+def read_layer(ctx: Any, il: int) -> tuple[np.ndarray, np.ndarray]:
+    """(norms, positions) of model layer il, both shaped [cell, kv head]; empty cells have position -1."""
+    nat = native()
+    c, (norms, pos) = _layer_buffers(ctx, il, (np.float32, np.int32))
+    n_max = norms.shape[0]
     n = _check(
         nat.lib.llama_l2kv_read_layer(
             c, il, nat.ffi.from_buffer("float[]", norms), nat.ffi.from_buffer("int32_t[]", pos), n_max
@@ -110,12 +116,9 @@ def read_key_cosines(ctx: Any, il: int) -> np.ndarray:
     """KeyDiff's feature of model layer il, [cell, kv head]: the cosine of every cached key with its head's
     normalised sum of unit keys, as the eviction computes it; empty cells read 0."""
     nat = native()
-    c = nat.ctx_ptr(ctx)
-    n_head = _check(nat.lib.llama_l2kv_n_head_kv(c, il), f"llama_l2kv_n_head_kv(layer {il})")
-    n_max = stats(ctx).kv_size
-    out = np.zeros((n_max, n_head), dtype=np.float32)
+    c, (out,) = _layer_buffers(ctx, il, (np.float32,))
     n = _check(
-        nat.lib.llama_l2kv_read_key_cosines(c, il, nat.ffi.from_buffer("float[]", out), n_max),
+        nat.lib.llama_l2kv_read_key_cosines(c, il, nat.ffi.from_buffer("float[]", out), out.shape[0]),
         f"llama_l2kv_read_key_cosines(layer {il})",
     )
     return out[:n].copy()

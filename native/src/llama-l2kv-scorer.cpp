@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -79,20 +80,16 @@ struct llama_l2kv_scorer_key_diff : llama_l2kv_scorer {
     }
 };
 
-// the rank of every entry in ascending score (NaN last), ties to the newer position: 0 .. n-1
+// the rank of every entry in the selection rule's order without protections (ascending score, NaN
+// last, ties to the newer position): 0 .. n-1
 static void llama_l2kv_ranks(const std::vector<float> & score, const int32_t * pos, std::vector<float> & rank) {
     const uint32_t n = score.size();
-    struct item { float key; int32_t pos; uint32_t idx; };
-    std::vector<item> items(n);
-    for (uint32_t i = 0; i < n; ++i) {
-        items[i] = { std::isnan(score[i]) ? INFINITY : score[i], pos[i], i };
-    }
-    std::sort(items.begin(), items.end(), [](const item & a, const item & b) {
-        return a.key != b.key ? a.key < b.key : (a.pos != b.pos ? a.pos > b.pos : a.idx < b.idx);
-    });
+    std::vector<llama_l2kv_candidate> cand;
+    llama_l2kv_candidates(pos, score.data(), n, 0, 0, std::numeric_limits<int32_t>::max(), cand);
+    std::sort(cand.begin(), cand.end(), llama_l2kv_candidate_better);
     rank.resize(n);
     for (uint32_t r = 0; r < n; ++r) {
-        rank[items[r].idx] = (float) r;
+        rank[cand[r].idx] = (float) r;
     }
 }
 
