@@ -3,8 +3,8 @@
 
     python scripts/bench_long_context.py                                   # SmolLM2 on the CPU
     python scripts/bench_long_context.py --depths 1024,4096,8192 --budget 1024 --gen-tokens 512
-    python scripts/bench_long_context.py --model big.gguf --gpu-layers -1 --budget 4096 \\
-        --depths 4096,16384,65536 --batch 512            # on a GPU build
+    python scripts/bench_long_context.py --synthetic llama-3-8b --gpu-layers -1 --budget 4096 \\
+        --depths 4096,16384,32768,65536 --batch 512      # on a GPU build (the issue's shapes)
 
 For every depth D, two contexts on the same library:
   stock:    eviction off, n_ctx = D + gen tokens (the full cache);
@@ -37,6 +37,19 @@ from l2kv_cpp.config import L2KVConfig, Policy  # noqa: E402
 from l2kv_cpp.decode import decode  # noqa: E402
 from l2kv_cpp.models import resolve_model  # noqa: E402
 from l2kv_cpp.session import ggml_type_id  # noqa: E402
+from l2kv_cpp.tiny_model import SYNTHETIC_SHAPES, write_tiny_model  # noqa: E402
+from l2kv_cpp.upstream import cache_dir  # noqa: E402
+
+
+def synthetic_model(name: str) -> Path:
+    """The random-weight Q4_0 model of a benchmark shape, written once into the model cache."""
+    path = cache_dir() / "models" / f"synthetic-{name}-q4_0.gguf"
+    if not path.is_file():
+        print(f"writing {path} (random Q4_0 weights in the shape of {name}) ...", flush=True)
+        tmp = path.with_suffix(".part")
+        write_tiny_model(tmp, SYNTHETIC_SHAPES[name])
+        tmp.rename(path)
+    return path
 
 
 @dataclass
@@ -110,6 +123,7 @@ def run_one(args, model: Path, vocab: int, depth: int, evict: bool) -> Run:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", help="model name or GGUF path (default: smollm2)")
+    ap.add_argument("--synthetic", choices=sorted(SYNTHETIC_SHAPES), help="a random Q4_0 model of this shape instead")
     ap.add_argument("--depths", default="1024,4096,8192", help="prompt lengths, comma-separated")
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=256, help="n_batch = n_ubatch")
@@ -120,7 +134,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
 
-    model = resolve_model(args.model)
+    model = synthetic_model(args.synthetic) if args.synthetic else resolve_model(args.model)
     vocab = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False).n_vocab()
     depths = [int(d) for d in args.depths.split(",")]
 

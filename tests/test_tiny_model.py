@@ -54,9 +54,35 @@ def test_vocab_has_byte_fallback_for_every_byte():
         ({"n_head": 3, "n_head_kv": 2}, "multiple of n_head_kv"),
         ({"head_dim": 15}, "even"),
         ({"n_layer": 0}, "n_layer must be positive"),
-        ({"weight_type": "q4_0"}, "weight_type"),
+        ({"weight_type": "q8_0"}, "weight_type"),
+        ({"n_vocab": 10}, "n_vocab must be at least"),
     ],
 )
 def test_invalid_config_is_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TinyModelConfig(**kwargs)
+
+
+def test_q4_0_model_with_a_padded_vocab_loads_and_decodes(tmp_path):
+    """The path of the synthetic benchmark shapes (Q4_0 matrices shared by every layer, a large
+    vocabulary), at a small size: llama.cpp loads it with the requested shapes and decodes."""
+    from conftest import make_llm, random_tokens
+
+    from l2kv_cpp.decode import decode, logits_ith
+
+    cfg = TinyModelConfig(n_layer=3, head_dim=64, n_ff=256, weight_type="q4_0", n_vocab=5000, share_layer_weights=True)
+    path = write_tiny_model(tmp_path / "q.gguf", cfg)
+    reader = gguf.GGUFReader(path)
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q4_0
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    layer0 = next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight")
+    layer2 = next(t for t in reader.tensors if t.name == "blk.2.ffn_up.weight")
+    assert bytes(layer0.data) == bytes(layer2.data)  # shared
+    llm = make_llm(path)
+    try:
+        assert llm.n_vocab() == 5000
+        decode(llm, random_tokens(40), 0)
+        assert np.all(np.isfinite(logits_ith(llm)))
+    finally:
+        llm.close()
