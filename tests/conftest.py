@@ -4,6 +4,7 @@ when it is absent, because the whole suite is about that library."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -62,10 +63,14 @@ def make_llm(
     type_v: int | None = None,
     **kwargs,
 ):
-    """A llama_cpp.Llama with the settings eviction tests need (n_ubatch = n_batch, quiet)."""
+    """A llama_cpp.Llama with the settings eviction tests need (n_ubatch = n_batch, quiet).
+
+    L2KV_TEST_N_GPU_LAYERS (default 0) offloads layers in every test that does not choose: on a GPU
+    machine, `L2KV_TEST_N_GPU_LAYERS=-1 python -m pytest` runs the suite with the model on the GPU."""
     from l2kv_cpp import _lib
 
     llama_cpp = _lib.llama_cpp()
+    kwargs.setdefault("n_gpu_layers", int(os.environ.get("L2KV_TEST_N_GPU_LAYERS", "0")))
     extra = {}
     if type_k is not None:
         extra["type_k"] = type_k
