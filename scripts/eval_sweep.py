@@ -5,6 +5,7 @@
     python scripts/eval_sweep.py --model gemma3-270m --tasks passkey,ppl
     python scripts/eval_sweep.py --model smollm2 --grid smoke    # a minute: one case per task
     python scripts/eval_sweep.py --model tiny --tasks ppl         # the 8-layer random-weight test model
+    python scripts/eval_sweep.py --model smollm2 --grid long --tasks niah   # 4096 tokens in 1024 entries
 
 Records go to results/<task>.jsonl (a run whose record exists is skipped, so an interrupted sweep
 resumes); tables and plots go to docs/results/. See docs/results.md for the protocol and findings.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -60,6 +62,11 @@ GRIDS = {
         "ppl_tokens": 2048,
         "ppl_keeps": (0.9, 0.7, 0.5, 0.3, 0.1),
     },
+    # a 4096-token needle kept in a quarter of the cache (the README's "4k in 1k"), needle task only
+    "long": {
+        "niah": [niah.NiahCase(n_tokens=4096, depth=d) for d in (0.1, 0.5, 0.9)],
+        "niah_keeps": (0.25,),
+    },
 }
 
 
@@ -89,9 +96,14 @@ def main() -> int:
         else:
             ap.error(f"unknown task {task!r}")
         keeps = set(grid["ppl_keeps" if task == "ppl" else f"{task}_keeps"]) | {1.0}
-        # the store may hold runs of earlier grids: tables and plots show this grid's ratios
-        records = [r for r in store.records() if r["config"]["keep"] in keeps]
-        stem = f"{Path(model_name).stem}-{task}"
+        cases = [asdict(c) for c in grid.get(task, [])]
+        # the store may hold runs of other grids: tables and plots show this grid's cases and ratios
+        records = [
+            r
+            for r in store.records()
+            if r["config"]["keep"] in keeps and (not cases or any(c.items() <= r["config"].items() for c in cases))
+        ]
+        stem = f"{Path(model_name).stem}-{task}" + ("" if args.grid == "default" else f"-{args.grid}")
         if task == "ppl":
             table = report.ppl_table(records, model_name)
             keep = 0.5 if 0.5 in grid["ppl_keeps"] else grid["ppl_keeps"][0]
@@ -100,7 +112,8 @@ def main() -> int:
             table = report.accuracy_table(records, task, model_name)
             report.plot_accuracy(records, task, model_name, args.docs / f"{stem}.png")
             if task == "niah":
-                report.plot_needle_heatmaps(records, model_name, 0.5, args.docs / f"{stem}-heatmap.png")
+                keep = 0.5 if 0.5 in grid["niah_keeps"] else grid["niah_keeps"][0]
+                report.plot_needle_heatmaps(records, model_name, keep, args.docs / f"{stem}-heatmap.png")
         (args.docs / f"{stem}.md").write_text(table + "\n")
         print(f"\n{task} on {model_name}:\n{table}\n", flush=True)
     print(f"done in {time.time() - t0:.0f} s")
