@@ -29,12 +29,12 @@ PROTOCOL_QUESTION_FIRST = (
     "document); first answer token after eviction"
 )
 GREEDY = SamplingSettings(temperature=0.0)
-POLICIES = tuple(p.cli_name for p in Policy)  # keep-low-norm, keep-high-norm, random, window
+POLICIES = tuple(p.cli_name for p in Policy)  # every policy, in enum order
 
 
 @dataclass(frozen=True)
 class Compression:
-    policy: str  # "full" or a Policy name (keep-low-norm, keep-high-norm, random, window)
+    policy: str  # "full" or a Policy.cli_name (POLICIES)
     keep: float  # fraction of the document's tokens kept (1.0 for full)
     n_sink: int = 4
     n_recent: int = 32

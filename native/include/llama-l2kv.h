@@ -63,7 +63,7 @@ extern "C" {
         uint32_t n_recent;           // newest tokens that are never evicted (n_sink + n_recent < kv_budget)
         int32_t  policy;             // enum llama_l2kv_policy
         bool     per_head;           // true: each KV head keeps its own entries (the paper); false: one choice per layer,
-                                     // scored by the sum of the heads' key norms
+                                     // scored by the sum over the heads of the policy's feature (norm, cosine)
         uint64_t seed;               // seed of LLAMA_L2KV_POLICY_RANDOM
         int32_t  n_skip_layers;      // entries in skip_layers; 0: skip none; -1: the policy's default: layers {0, 1}
                                      // for KEEP_LOW_NORM, KEEP_HIGH_NORM and RANDOM (the paper's setting), none else

@@ -38,6 +38,8 @@ class llama_kv_cells;
 struct llama_context;
 struct ggml_context;
 struct ggml_tensor;
+class llm_graph_input_i;
+class llm_graph_result;
 
 // one entry of a selection, with its sort keys precomputed
 struct llama_l2kv_candidate {
@@ -164,7 +166,6 @@ struct llama_kv_cache_l2 {
     int32_t init();
 
     size_t norm_bytes() const;
-    size_t kv_bytes() const;
 
     // K/V buffer size of any cache, with or without eviction (total_size is private to llama_kv_cache)
     static size_t kv_bytes(const llama_kv_cache & kv);
@@ -181,6 +182,16 @@ struct llama_kv_cache_l2 {
 
     // evict down to params.kv_budget entries per (layer, group); returns false on a backend failure
     bool evict(llama_context * lctx);
+
+    // the non-empty cells, ascending
+    std::vector<uint32_t> used_cells() const;
+
+    // a graph on the context's scheduler (reset, so the next decode rebuilds its own): begin_graph gives the
+    // result to build in, run_graph allocates, sets the inputs and computes it; false (and an error naming
+    // `what`) on a backend failure
+    static llm_graph_result * begin_graph(llama_context * lctx);
+    static bool run_graph(llama_context * lctx, llm_graph_result * res, std::unique_ptr<llm_graph_input_i> inp,
+            const char * what);
 
     // the scorer of cache layer ikv (the recency scorer for skipped layers)
     const llama_l2kv_scorer & layer_scorer(uint32_t ikv) const;
