@@ -55,6 +55,22 @@ def tokens(n: int, seed: int, vocab: int) -> list[int]:
     return np.random.default_rng(seed).integers(10, min(vocab, 30000), size=n).tolist()
 
 
+def decode_one_by_one(llm, pos0: int, n: int) -> tuple[list[float], list[float], float]:
+    """Decode n fixed tokens one at a time from position pos0: the seconds of the calls that did not
+    evict, of those that evicted, and of all of them (stock contexts report no eviction)."""
+    plain, evicting = [], []
+    n_ev = cache.stats(llm.ctx).n_evictions
+    t_start = time.perf_counter()
+    for i in range(n):
+        t = time.perf_counter()
+        decode(llm, [100 + i % 50], pos0 + i)
+        dt = time.perf_counter() - t
+        n_now = cache.stats(llm.ctx).n_evictions
+        (evicting if n_now > n_ev else plain).append(dt)
+        n_ev = n_now
+    return plain, evicting, time.perf_counter() - t_start
+
+
 def timed_prompt_and_gen(llm, prompt: list[int], gen: int) -> tuple[float, float]:
     """(prompt tokens/s, generation tokens/s) feeding fixed tokens (no sampling cost)."""
     t0 = time.perf_counter()
@@ -154,13 +170,7 @@ def bench_policies(name: str, model: Path, budget: int, n_batch: int, threads: i
         cache.enable(llm.ctx, L2KVConfig(kv_budget=budget, policy=policy))
         decode(llm, tokens(budget, 2, vocab), 0)
         s0 = cache.stats(llm.ctx)
-        plain, evicting = [], []
-        for i in range(events * n_batch):
-            n_before = cache.stats(llm.ctx).n_evictions
-            t = time.perf_counter()
-            decode(llm, [100 + i % 50], budget + i)
-            dt = time.perf_counter() - t
-            (evicting if cache.stats(llm.ctx).n_evictions > n_before else plain).append(dt)
+        plain, evicting, _ = decode_one_by_one(llm, budget, events * n_batch)
         s1 = cache.stats(llm.ctx)
         llm.close()
         n = s1.n_evictions - s0.n_evictions

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import llama_cpp  # noqa: E402  (before numpy: see l2kv_cpp/_lib.py)
-import numpy as np  # noqa: E402
+from bench_eviction import decode_one_by_one, tokens  # noqa: E402  (scripts/ is on sys.path: this file's dir)
 from tabulate import tabulate  # noqa: E402
 
 from l2kv_cpp import cache  # noqa: E402
@@ -65,10 +65,6 @@ class Run:
     wall_per_event_ms: float = 0.0  # decode calls that evicted, minus the median decode call
 
 
-def tokens(n: int, seed: int, vocab: int) -> list[int]:
-    return np.random.default_rng(seed).integers(10, min(vocab, 30000), size=n).tolist()
-
-
 def run_one(args, model: Path, vocab: int, depth: int, evict: bool) -> Run:
     n_ctx = args.budget + args.batch if evict else depth + args.gen_tokens + 16
     llm = llama_cpp.Llama(
@@ -92,20 +88,8 @@ def run_one(args, model: Path, vocab: int, depth: int, evict: bool) -> Run:
         decode(llm, prompt, 0, logits="last")
         prefill = depth / (time.perf_counter() - t0)
 
-        calls, evicting = [], []
-        n_ev = cache.stats(llm.ctx).n_evictions if evict else 0
-        t_start = time.perf_counter()
-        for i in range(args.gen_tokens):
-            t = time.perf_counter()
-            decode(llm, [100 + i % 50], depth + i)
-            dt = time.perf_counter() - t
-            if evict:
-                n_now = cache.stats(llm.ctx).n_evictions
-                (evicting if n_now > n_ev else calls).append(dt)
-                n_ev = n_now
-            else:
-                calls.append(dt)
-        decode_tps = args.gen_tokens / (time.perf_counter() - t_start)
+        calls, evicting, seconds = decode_one_by_one(llm, depth, args.gen_tokens)
+        decode_tps = args.gen_tokens / seconds
 
         st = cache.stats(llm.ctx)
         run = Run(prefill, decode_tps, st.kv_bytes / 2**20)
