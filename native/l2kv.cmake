@@ -21,6 +21,23 @@ target_include_directories(llama PUBLIC $<BUILD_INTERFACE:${LLAMA_L2KV_DIR}/incl
 # llama-kv-cache.cpp includes llama-kv-cache-l2.h through the hooks of the patch series
 target_include_directories(llama PRIVATE ${LLAMA_L2KV_DIR}/src)
 
+# the host part of an eviction runs on the CPU backend's OpenMP threads when ggml uses OpenMP: threads
+# of our own would compete with OpenMP's, which keep spinning for milliseconds after each graph
+if (GGML_OPENMP_ENABLED)
+    if (TARGET ggml-openmp-cxx)
+        target_link_libraries(llama PRIVATE ggml-openmp-cxx)
+    else()
+        find_package(OpenMP COMPONENTS CXX)
+    endif()
+    if (TARGET ggml-openmp-cxx OR OpenMP_CXX_FOUND)
+        if (OpenMP_CXX_FOUND)
+            target_link_libraries(llama PRIVATE OpenMP::OpenMP_CXX)
+        endif()
+        set_property(SOURCE ${LLAMA_L2KV_DIR}/src/llama-kv-cache-l2.cpp APPEND PROPERTY
+            COMPILE_DEFINITIONS LLAMA_L2KV_USE_OPENMP)
+    endif()
+endif()
+
 # lets llama_l2kv_build_info() name the exact patch series the library was built from
 set(LLAMA_L2KV_SOURCE_HASH "unknown" CACHE STRING "l2kv-cpp: hash of patches/ and native/")
 # (set on the one file that uses it, so a new hash does not recompile all of libllama)

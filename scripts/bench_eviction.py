@@ -13,7 +13,12 @@ All ratios are measured in one run, on the same context settings:
      prompt of 1x the budget (both with eviction on);
   4. the cost of each policy's scorer: library time per eviction event while decoding past the
      budget, split into features (norm read-back, key cosines) / ranking / moves, and the wall
-     time the evicting decode calls took beyond a plain decode call.
+     time the evicting decode calls took beyond a plain decode call. With --events-in-prefill the
+     events come from decoding n_batch-token chunks past the budget instead (one event per chunk;
+     fast enough for the 1B shape on a CPU), and the last column is the share of a chunk's time.
+
+    python scripts/bench_eviction.py --model ~/.cache/l2kv-cpp/models/synthetic-llama-3.2-1b-q4_0.gguf \\
+        --budget 4096 --batch 512 --policies-only --events-in-prefill --no-tiny
 """
 
 from __future__ import annotations
@@ -162,15 +167,30 @@ def bench_model(name: str, model: Path, budget: int, n_batch: int, gen: int, rep
     return rows
 
 
-def bench_policies(name: str, model: Path, budget: int, n_batch: int, threads: int | None, events: int = 6):
+def bench_policies(
+    name: str,
+    model: Path,
+    budget: int,
+    n_batch: int,
+    threads: int | None,
+    events: int = 6,
+    in_prefill: bool = False,
+):
     vocab = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False).n_vocab()
     rows = []
     for policy in Policy:
         llm = make(model, budget + n_batch, n_batch, threads)
         cache.enable(llm.ctx, L2KVConfig(kv_budget=budget, policy=policy))
-        decode(llm, tokens(budget, 2, vocab), 0)
+        prompt = tokens(budget + events * n_batch, 2, vocab)
+        decode(llm, prompt[:budget], 0)
         s0 = cache.stats(llm.ctx)
-        plain, evicting, _ = decode_one_by_one(llm, budget, events * n_batch)
+        if in_prefill:
+            t0 = time.perf_counter()
+            for p in range(budget, len(prompt), n_batch):
+                decode(llm, prompt[p : p + n_batch], p)
+            chunk_s = (time.perf_counter() - t0) / events
+        else:
+            plain, evicting, _ = decode_one_by_one(llm, budget, events * n_batch)
         s1 = cache.stats(llm.ctx)
         llm.close()
         n = s1.n_evictions - s0.n_evictions
@@ -178,14 +198,19 @@ def bench_policies(name: str, model: Path, budget: int, n_batch: int, threads: i
         def per(field: str, s0=s0, s1=s1, n=n) -> float:
             return (getattr(s1, field) - getattr(s0, field)) / n
 
-        wall = 1e3 * (statistics.median(evicting) - statistics.median(plain))
+        if in_prefill:
+            share = 100 * per("t_evict_ms") / 1e3 / chunk_s
+            result = f"{share:.2f}% of a {n_batch}-token chunk ({1e3 * chunk_s:.0f} ms)"
+        else:
+            wall = 1e3 * (statistics.median(evicting) - statistics.median(plain))
+            result = f"wall {wall:.2f} ms; {100 * wall / 1e3 / (n_batch * statistics.median(plain)):.2f}% of decode"
         rows.append(
             [
                 name,
                 f"eviction per event, {policy.cli_name}",
                 f"{per('t_evict_ms'):.2f} ms = {per('t_feature_ms'):.2f} + {per('t_rank_ms'):.2f} + "
                 f"{per('t_move_ms'):.2f} ({n} events)",
-                f"wall {wall:.2f} ms; {100 * wall / 1e3 / (n_batch * statistics.median(plain)):.2f}% of decode",
+                result,
                 "features + rank + move",
             ]
         )
@@ -202,6 +227,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-tiny", action="store_true", help="skip the tiny random model")
     ap.add_argument("--policies-only", action="store_true", help="only part 4, the cost of each policy")
+    ap.add_argument(
+        "--events-in-prefill",
+        action="store_true",
+        help="part 4: evict between n_batch-token chunks instead of single decoded tokens",
+    )
     args = ap.parse_args()
 
     model = resolve_model(args.model)
@@ -210,14 +240,14 @@ def main() -> int:
         if args.policies_only
         else bench_model(args.model, model, args.budget, args.batch, args.gen_tokens, args.repeats, args.threads)
     )
-    rows += bench_policies(args.model, model, args.budget, args.batch, args.threads)
+    rows += bench_policies(args.model, model, args.budget, args.batch, args.threads, in_prefill=args.events_in_prefill)
     if not args.no_tiny:
         with tempfile.TemporaryDirectory() as tmp:
             tiny = write_tiny_model(Path(tmp) / "tiny.gguf", TinyModelConfig(n_layer=8, head_dim=64, n_ff=512))
             name = "tiny (8L, 4H/2KV, d64)"
             if not args.policies_only:
                 rows += bench_model(name, tiny, args.budget, args.batch, args.gen_tokens, args.repeats, args.threads)
-            rows += bench_policies(name, tiny, args.budget, args.batch, args.threads)
+            rows += bench_policies(name, tiny, args.budget, args.batch, args.threads, in_prefill=args.events_in_prefill)
     print(tabulate(rows, headers=["model", "measure", "values", "result", "target"], tablefmt="github"))
     return 0
 

@@ -32,6 +32,24 @@ def test_select_matches_reference_with_ties_nans_and_protection(seed):
         assert np.array_equal(got, want), f"n={n} keep={n_keep}: native {got[:8]} reference {want[:8]}"
 
 
+def test_select_matches_reference_on_extreme_scores_and_positions():
+    # the native rule packs (protected, score, position) into one integer: every float class and the
+    # largest positions must keep the reference order (-0 == +0, NaN last, ties to the newer position)
+    rng = np.random.default_rng(0)
+    values = np.array(
+        [-np.inf, -3.4e38, -1.0, -1e-45, -0.0, 0.0, 1e-45, 1e-38, 1.0, 3.4e38, np.inf, np.nan], dtype=np.float32
+    )
+    for _ in range(200):
+        n = int(rng.integers(1, 60))
+        pos = (np.iinfo(np.int32).max - rng.permutation(1000)[:n]).astype(np.int32)
+        score = rng.choice(values, size=n)
+        n_keep = int(rng.integers(0, n + 2))
+        pos_last = int(pos.max())
+        got = cache.native_select(pos, score, n_keep, 3, 3, pos_last)
+        want = reference.select(pos, score, n_keep, 3, 3, pos_last)
+        assert np.array_equal(got, want), f"native {got[:8]} reference {want[:8]}"
+
+
 def test_select_keeps_protected_first_then_ties_to_newer():
     pos = np.array([0, 1, 2, 3, 4, 5, 6, 7], dtype=np.int32)
     score = np.array([9, 9, 1, 1, 1, 5, 9, 9], dtype=np.float32)

@@ -22,6 +22,8 @@
 #include <map>
 #include <numeric>
 #include <stdexcept>
+#include <thread>
+#include <atomic>
 
 //
 // errors
@@ -54,6 +56,18 @@ const char * llama_l2kv_last_error(void) {
 // selection rule
 //
 
+// a float as an unsigned integer of the same order (-0 and +0 equal, NaN as +inf)
+static uint32_t llama_l2kv_ordered_bits(float x) {
+    if (std::isnan(x)) {
+        x = std::numeric_limits<float>::infinity();
+    } else if (x == 0.0f) {
+        x = 0.0f;
+    }
+    uint32_t u;
+    memcpy(&u, &x, sizeof(u));
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
 void llama_l2kv_candidates(
         const int32_t * pos,
           const float * score,
@@ -64,24 +78,13 @@ void llama_l2kv_candidates(
         std::vector<llama_l2kv_candidate> & out) {
     out.resize(n);
     for (uint32_t i = 0; i < n; ++i) {
+        GGML_ASSERT(pos[i] >= 0);
         const bool prot = pos[i] < (int64_t) n_sink || (int64_t) pos[i] > (int64_t) pos_last - (int64_t) n_recent;
-        // NaN would break the strict weak ordering: rank it last
-        const float key = std::isnan(score[i]) ? std::numeric_limits<float>::infinity() : score[i];
-        out[i] = { key, pos[i], i, prot };
+        out[i].key = (uint64_t) !prot << 63
+                   | (uint64_t) llama_l2kv_ordered_bits(score[i]) << 31
+                   | (uint64_t) (INT32_MAX - pos[i]);
+        out[i].idx = i;
     }
-}
-
-bool llama_l2kv_candidate_better(const llama_l2kv_candidate & a, const llama_l2kv_candidate & b) {
-    if (a.prot != b.prot) {
-        return a.prot;
-    }
-    if (a.key != b.key) {
-        return a.key < b.key;
-    }
-    if (a.pos != b.pos) {
-        return a.pos > b.pos; // ties: keep the newer entry
-    }
-    return a.idx < b.idx;
 }
 
 void llama_l2kv_keep_best(std::vector<llama_l2kv_candidate> & cand, uint32_t n_keep) {
@@ -140,6 +143,45 @@ float llama_l2kv_random_score(uint64_t seed, int32_t il, int32_t head, int32_t p
     h = llama_l2kv_splitmix64(h ^ (uint64_t) (uint32_t) head);
     h = llama_l2kv_splitmix64(h ^ (uint64_t) (uint32_t) pos);
     return (float) (h >> 40) / 16777216.0f; // 24 random bits in [0, 1)
+}
+
+//
+// host work in parallel
+//
+
+void llama_l2kv_parallel_for(uint32_t n, int32_t n_threads, const std::function<void(uint32_t)> & fn) {
+    const int32_t n_workers = (int32_t) std::max<int64_t>(1, std::min<int64_t>(n_threads, n));
+    if (n_workers <= 1) {
+        for (uint32_t i = 0; i < n; ++i) {
+            fn(i);
+        }
+        return;
+    }
+#ifdef LLAMA_L2KV_USE_OPENMP
+    // the CPU backend's OpenMP threads: after a graph they spin for milliseconds, so threads of our own
+    // would have to share the cores with them (measured: ranking took 2x as long on 2 cores)
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(n_workers)
+    for (int64_t i = 0; i < (int64_t) n; ++i) {
+        fn((uint32_t) i);
+    }
+#else
+    // items differ in cost (a skipped layer ranks by recency only): each thread takes the next one
+    std::atomic<uint32_t> next{0};
+    auto work = [&]() {
+        for (uint32_t i = next++; i < n; i = next++) {
+            fn(i);
+        }
+    };
+    std::vector<std::thread> threads;
+    threads.reserve(n_workers - 1);
+    for (int32_t t = 1; t < n_workers; ++t) {
+        threads.emplace_back(work);
+    }
+    work();
+    for (auto & t : threads) {
+        t.join();
+    }
+#endif
 }
 
 //
@@ -473,6 +515,12 @@ std::vector<uint32_t> llama_kv_cache_l2::used_cells() const {
     return used;
 }
 
+int32_t llama_kv_cache_l2::n_threads(const llama_context * lctx) {
+    // the larger of the two: evictions happen between batches as well as between single tokens
+    const auto & cparams = lctx->get_cparams();
+    return (int32_t) std::max(cparams.n_threads, cparams.n_threads_batch);
+}
+
 const llama_l2kv_scorer & llama_kv_cache_l2::layer_scorer(uint32_t ikv) const {
     return skip[ikv] ? llama_l2kv_recency_scorer() : *scorer;
 }
@@ -512,6 +560,7 @@ bool llama_kv_cache_l2::compute_features(llama_context * lctx, const std::vector
     const bool force_graph = llama_l2kv_force_graphs();
 
     std::vector<uint32_t> cos_layers;
+    std::vector<uint32_t> cos_layers_host;
     for (uint32_t ikv : layers) {
         const uint32_t need = layer_scorer(ikv).features() | extra_features;
         const uint32_t nh   = n_head_kv(ikv);
@@ -521,12 +570,15 @@ bool llama_kv_cache_l2::compute_features(llama_context * lctx, const std::vector
         }
         if (need & LLAMA_L2KV_FEATURE_KEY_COSINE) {
             if (!force_graph && ggml_backend_buffer_is_host(kv.layers[ikv].k->buffer)) {
-                key_cosines_host(ikv, used, out[ikv].kcos);
+                cos_layers_host.push_back(ikv);
             } else {
                 cos_layers.push_back(ikv);
             }
         }
     }
+    llama_l2kv_parallel_for(cos_layers_host.size(), n_threads(lctx), [&](uint32_t j) {
+        key_cosines_host(cos_layers_host[j], used, out[cos_layers_host[j]].kcos);
+    });
     if (cos_layers.empty() || n_used == 0) {
         return true;
     }
@@ -617,12 +669,11 @@ void llama_kv_cache_l2::key_cosines_host(uint32_t ikv, const std::vector<uint32_
 
     GGML_ASSERT(ne0 == d*nh);
 
-    // the used keys as F32
-    std::vector<float> x((size_t) n_used*ne0);
+    // one used key row as F32 (rows are converted twice rather than stored: the layer's F32 copy would
+    // not fit in cache, and the conversion is cheap)
     const auto * traits = ggml_get_type_traits(k->type);
-    for (uint32_t i = 0; i < n_used; ++i) {
+    auto load_row = [&](uint32_t i, float * dst) {
         const char * row = (const char *) k->data + (size_t) used[i]*k->nb[1];
-        float * dst = x.data() + (size_t) i*ne0;
         if (k->type == GGML_TYPE_F32) {
             memcpy(dst, row, ne0*sizeof(float));
         } else if (k->type == GGML_TYPE_F16) {
@@ -630,7 +681,7 @@ void llama_kv_cache_l2::key_cosines_host(uint32_t ikv, const std::vector<uint32_
         } else {
             traits->to_float(row, dst, ne0);
         }
-    }
+    };
     // the key cosines need 1/|k| per (entry, head), the mean unit key per head, and one dot per (entry, head);
     // dot products use 8 independent partial sums so that the compiler can vectorize them
     auto dot = [d](const float * a, const float * b) {
@@ -650,11 +701,13 @@ void llama_kv_cache_l2::key_cosines_host(uint32_t ikv, const std::vector<uint32_
         return 1.0f/std::max(std::sqrt(s), 1e-12f);
     };
 
+    std::vector<float> x(ne0);
     std::vector<float> inv((size_t) n_used*nh);
     std::vector<float> m(ne0, 0.0f);
     for (uint32_t i = 0; i < n_used; ++i) {
+        load_row(i, x.data());
         for (uint32_t h = 0; h < nh; ++h) {
-            const float * v = x.data() + (size_t) i*ne0 + (size_t) h*d;
+            const float * v = x.data() + (size_t) h*d;
             const float   r = inv_norm(dot(v, v));
             float       * a = m.data() + (size_t) h*d;
             for (int64_t j = 0; j < d; ++j) {
@@ -673,8 +726,9 @@ void llama_kv_cache_l2::key_cosines_host(uint32_t ikv, const std::vector<uint32_
 
     kcos.assign((size_t) n_cells*nh, 0.0f);
     for (uint32_t i = 0; i < n_used; ++i) {
+        load_row(i, x.data());
         for (uint32_t h = 0; h < nh; ++h) {
-            const float * v = x.data() + (size_t) i*ne0 + (size_t) h*d;
+            const float * v = x.data() + (size_t) h*d;
             kcos[(size_t) used[i]*nh + h] = dot(v, m.data() + (size_t) h*d)*inv[(size_t) i*nh + h];
         }
     }
@@ -766,16 +820,17 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
     std::vector<std::vector<int32_t>> mv_src(n_layer);
     std::vector<std::vector<int64_t>> mv_dst(n_layer);
 
-    std::vector<int32_t> pos;
-    std::vector<float>   score;
-    std::vector<uint8_t> kept(n_cells);
-    std::vector<llama_l2kv_candidate> cand;
-    std::vector<uint32_t> holes;
-    std::vector<uint32_t> movers;
-
-    for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
+    // layers are independent: each one ranks its groups on one of the context's threads
+    llama_l2kv_parallel_for(n_layer, n_threads(lctx), [&](uint32_t ikv) {
         const uint32_t nh = n_head_kv(ikv);
         const uint32_t ng = n_group(ikv);
+
+        std::vector<int32_t> pos;
+        std::vector<float>   score;
+        std::vector<int32_t> kept(n_cells); // per cell: its index in `used` when kept, else -1
+        std::vector<llama_l2kv_candidate> cand;
+        std::vector<uint32_t> holes;
+        std::vector<uint32_t> movers;
 
         new_tpos[ikv].assign((size_t) n_keep*nh, -1);
 
@@ -785,18 +840,18 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
             llama_l2kv_candidates(pos.data(), score.data(), n_used, params.n_sink, params.n_recent, pos_last, cand);
             llama_l2kv_keep_best(cand, n_keep);
 
-            std::fill(kept.begin(), kept.end(), 0);
+            std::fill(kept.begin(), kept.end(), -1);
             for (const auto & c : cand) {
-                kept[used[c.idx]] = 1;
+                kept[used[c.idx]] = (int32_t) c.idx;
             }
 
             // kept entries below n_keep stay; the others fill the cells below n_keep that are free or evicted
             holes.clear();
             movers.clear();
             for (uint32_t c = 0; c < n_cells; ++c) {
-                if (c < n_keep && !kept[c]) {
+                if (c < n_keep && kept[c] < 0) {
                     holes.push_back(c);
-                } else if (c >= n_keep && kept[c]) {
+                } else if (c >= n_keep && kept[c] >= 0) {
                     movers.push_back(c);
                 }
             }
@@ -805,9 +860,11 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
             }
             GGML_ASSERT(holes.size() >= movers.size());
 
+            // per head, group_scores left the true positions of the group's head in pos; per layer, every
+            // head keeps its own
             auto record = [&](uint32_t from, uint32_t to) {
                 if (params.per_head) {
-                    new_tpos[ikv][(size_t) to*nh + g] = true_pos(ikv, from, g);
+                    new_tpos[ikv][(size_t) to*nh + g] = pos[kept[from]];
                 } else {
                     for (uint32_t h = 0; h < nh; ++h) {
                         new_tpos[ikv][(size_t) to*nh + h] = true_pos(ikv, from, h);
@@ -815,7 +872,7 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
                 }
             };
             for (uint32_t c = 0; c < std::min(n_cells, n_keep); ++c) {
-                if (kept[c]) {
+                if (kept[c] >= 0) {
                     record(c, c);
                 }
             }
@@ -825,7 +882,7 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
                 mv_dst[ikv].push_back((int64_t) holes[m]*ng + g);
             }
         }
-    }
+    });
     const int64_t t_rank_end_us = ggml_time_us();
 
     // 3. move the kept rows: rows[dst] = rows[src] for K, V and the norms; sources (cells >= n_keep) and
@@ -834,52 +891,57 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
     const bool force_graph = llama_l2kv_force_graphs();
     uint64_t n_moved = 0;
     {
-        ggml_cgraph * gf = nullptr;
-        std::unique_ptr<llm_graph_input_l2_moves> inp;
-        llm_graph_result * res = nullptr;
-
+        auto rows_of = [&](uint32_t ikv) {
+            return std::array<ggml_tensor *, 3>{ k_rows[ikv], v_rows[ikv], kn_rows[ikv] };
+        };
+        std::vector<uint32_t> host_layers;
+        std::vector<uint32_t> graph_layers;
         for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
-            const int64_t n = mv_src[ikv].size();
-            if (n == 0) {
+            if (mv_src[ikv].empty()) {
                 continue;
             }
-            n_moved += n;
-
-            const std::array<ggml_tensor *, 3> tensors = { k_rows[ikv], v_rows[ikv], kn_rows[ikv] };
+            n_moved += mv_src[ikv].size();
+            const auto tensors = rows_of(ikv);
             const bool on_host = !force_graph && std::all_of(tensors.begin(), tensors.end(),
                     [](const ggml_tensor * t) { return ggml_backend_buffer_is_host(t->buffer); });
-            if (on_host) {
-                for (ggml_tensor * rows : tensors) {
-                    char * data = (char *) rows->data;
-                    const size_t nb1 = rows->nb[1];
-                    for (int64_t m = 0; m < n; ++m) {
-                        memcpy(data + (size_t) mv_dst[ikv][m]*nb1, data + (size_t) mv_src[ikv][m]*nb1, nb1);
-                    }
-                }
-                continue;
-            }
-
-            if (gf == nullptr) {
-                res = begin_graph(lctx);
-                gf  = res->get_gf();
-                inp = std::make_unique<llm_graph_input_l2_moves>();
-            }
-            auto * ctx = res->get_ctx();
-            ggml_tensor * src = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
-            ggml_tensor * dst = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
-            ggml_set_input(src);
-            ggml_set_input(dst);
-            inp->src.emplace_back(src, std::move(mv_src[ikv]));
-            inp->dst.emplace_back(dst, std::move(mv_dst[ikv]));
-
-            for (ggml_tensor * rows : tensors) {
-                ggml_build_forward_expand(gf, ggml_set_rows(ctx, rows, ggml_get_rows(ctx, rows, src), dst));
-            }
+            (on_host ? host_layers : graph_layers).push_back(ikv);
         }
 
-        if (gf != nullptr && !run_graph(lctx, res, std::move(inp), "compaction")) {
-            failed = true;
-            return false;
+        llama_l2kv_parallel_for(host_layers.size(), n_threads(lctx), [&](uint32_t j) {
+            const uint32_t ikv = host_layers[j];
+            const size_t n = mv_src[ikv].size();
+            for (ggml_tensor * rows : rows_of(ikv)) {
+                char * data = (char *) rows->data;
+                const size_t nb1 = rows->nb[1];
+                for (size_t m = 0; m < n; ++m) {
+                    memcpy(data + (size_t) mv_dst[ikv][m]*nb1, data + (size_t) mv_src[ikv][m]*nb1, nb1);
+                }
+            }
+        });
+
+        if (!graph_layers.empty()) {
+            llm_graph_result * res = begin_graph(lctx);
+            auto * ctx = res->get_ctx();
+            auto * gf  = res->get_gf();
+            auto inp = std::make_unique<llm_graph_input_l2_moves>();
+
+            for (uint32_t ikv : graph_layers) {
+                const int64_t n = mv_src[ikv].size();
+                ggml_tensor * src = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+                ggml_tensor * dst = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
+                ggml_set_input(src);
+                ggml_set_input(dst);
+                inp->src.emplace_back(src, std::move(mv_src[ikv]));
+                inp->dst.emplace_back(dst, std::move(mv_dst[ikv]));
+
+                for (ggml_tensor * rows : rows_of(ikv)) {
+                    ggml_build_forward_expand(gf, ggml_set_rows(ctx, rows, ggml_get_rows(ctx, rows, src), dst));
+                }
+            }
+            if (!run_graph(lctx, res, std::move(inp), "compaction")) {
+                failed = true;
+                return false;
+            }
         }
     }
     const int64_t t_move_end_us = ggml_time_us();
