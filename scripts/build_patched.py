@@ -13,7 +13,8 @@ install it into the running Python with pip. On macOS llama-cpp-python enables M
 Caching, under $L2KV_CACHE_DIR (default ~/.cache/l2kv-cpp):
   sdist/   the verified sdist
   wheels/  built wheels keyed by (sdist sha256, hash of patches/ + native/, build flags, machine):
-           a rebuild with nothing changed reinstalls the cached wheel in seconds
+           a rebuild with nothing changed reinstalls the cached wheel in seconds; only the 4 most
+           recently used are kept
   src/, build/  a source tree that is only rewritten where bytes changed, and a persistent CMake
            build folder, so after a patch change only the touched files recompile
   logs/    the full compiler output of every build
@@ -281,6 +282,18 @@ def install_wheel(wheel: Path) -> None:
     log(f"installed {wheel.name} into {sys.prefix}")
 
 
+KEEP_WHEELS = 4  # wheel cache entries kept: the newest by use (each wheel is about 20 MB)
+
+
+def prune_wheels(wheels_root: Path, keep: int = KEEP_WHEELS) -> list[Path]:
+    """Delete all but the `keep` most recently used entries of the wheel cache; returns the deleted ones.
+    Every edit of native/ or patches/ makes a new key, so without this the cache grows per build."""
+    entries = sorted((d for d in wheels_root.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return entries[keep:]
+
+
 def build(opts: BuildOptions, rebuild: bool = False, install: bool = True) -> Path:
     """The whole pipeline; returns the wheel path."""
     t0 = time.monotonic()
@@ -301,6 +314,10 @@ def build(opts: BuildOptions, rebuild: bool = False, install: bool = True) -> Pa
         sdist = fetch_sdist(pin)
         source = prepare_source(sdist, fkey)
         wheel = build_wheel(source, opts, args, fkey, wheel_dir, cache_dir() / "logs" / f"build-{key}.log")
+    os.utime(wheel_dir)  # marks the entry as used, for prune_wheels
+    pruned = prune_wheels(wheel_dir.parent)
+    if pruned:
+        log(f"pruned {len(pruned)} older cached wheel(s)")
     if install:
         install_wheel(wheel)
     log(f"done in {time.monotonic() - t0:.0f}s")

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from build_patched import BuildOptions, cmake_args, flags_key, sync_tree
+from build_patched import BuildOptions, cmake_args, flags_key, prune_wheels, sync_tree
 
 from l2kv_cpp.upstream import read_upstream
 
@@ -31,6 +31,19 @@ def test_flags_key_separates_configurations():
     assert flags_key(BuildOptions()) == flags_key(BuildOptions())
     assert flags_key(BuildOptions()) != flags_key(BuildOptions(cuda=True))
     assert flags_key(BuildOptions()) != flags_key(BuildOptions(extra_cmake_args=("-DGGML_NATIVE=OFF",)))
+
+
+def test_prune_wheels_keeps_the_most_recently_used(tmp_path):
+    now = time.time()
+    for i in range(6):
+        d = tmp_path / f"key{i}"
+        d.mkdir()
+        (d / "llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl").write_bytes(b"wheel")
+        os.utime(d, (now - 100 + i, now - 100 + i))  # key5 is the newest
+    os.utime(tmp_path / "key0", (now, now))  # key0 was just used again
+    pruned = prune_wheels(tmp_path, keep=3)
+    assert sorted(p.name for p in pruned) == ["key1", "key2", "key3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key0", "key4", "key5"]
 
 
 def test_sync_tree_rewrites_only_changed_files(tmp_path):
