@@ -128,6 +128,41 @@ def test_heads_keep_different_tokens_and_norms_move_with_rows(tiny_model):
         llm.close()
 
 
+@pytest.mark.parametrize("cache_type", ["f32", "f16"])
+def test_stored_norms_are_the_norms_of_the_cached_keys(tiny_model, monkeypatch, cache_type):
+    """The norm stored beside each K row is the L2 norm of that key per KV head. It is read before RoPE by
+    default (a rotation; keeps the rotated K's single consumer for the CUDA ROPE->SET_ROWS fusion) and
+    after it with LLAMA_L2KV_NORM_AFTER_ROPE: both agree with numpy on the cached rows."""
+    dtype = {"f32": np.float32, "f16": np.float16}[cache_type]
+    rtol = {"f32": 1e-5, "f16": 2e-3}[cache_type]  # f16: the cached key is rounded, the stored norm is not
+    stored = {}
+    for after_rope in (False, True):
+        if after_rope:
+            monkeypatch.setenv("LLAMA_L2KV_NORM_AFTER_ROPE", "1")
+        else:
+            monkeypatch.delenv("LLAMA_L2KV_NORM_AFTER_ROPE", raising=False)
+        types = {"type_k": ggml_type_id(cache_type), "type_v": ggml_type_id(cache_type)}
+        llm = make_llm(tiny_model, **types)
+        try:
+            cache.enable(llm.ctx, L2KVConfig(kv_budget=180))  # never reached: no eviction
+            decode(llm, random_tokens(120), 0)
+            n_layer = int(llm.metadata["llama.block_count"])
+            per_layer = []
+            for il in range(n_layer):
+                norms, pos = cache.read_layer(llm.ctx, il)
+                assert (pos[:, 0] == np.arange(120)).all()
+                keys = np.frombuffer(cache.read_kv(llm.ctx, il, "k", 0, 120), dtype=dtype).astype(np.float64)
+                want = np.linalg.norm(keys.reshape(120, norms.shape[1], -1), axis=-1)
+                np.testing.assert_allclose(norms, want, rtol=rtol, err_msg=f"layer {il}, after RoPE: {after_rope}")
+                per_layer.append(norms)
+            stored[after_rope] = np.stack(per_layer)
+        finally:
+            llm.close()
+    # the two sources differ by rounding only, and the switch does change the graph
+    np.testing.assert_allclose(stored[False], stored[True], rtol=1e-5)
+    assert not np.array_equal(stored[False], stored[True])
+
+
 def _dequantized_keys(llm, il: int, n: int, cache_type: str) -> np.ndarray:
     raw = cache.read_kv(llm.ctx, il, "k", 0, n)
     return dequantize(raw, GGMLQuantizationType[cache_type.upper()]).reshape(n, -1)

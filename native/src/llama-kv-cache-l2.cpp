@@ -447,6 +447,24 @@ int32_t llama_kv_cache_l2::init() {
     return LLAMA_L2KV_STATUS_OK;
 }
 
+ggml_tensor * llama_l2kv_rope_source(ggml_tensor * k_cur) {
+    // read per graph build, like LLAMA_L2KV_FORCE_GRAPHS, so that a test can compare both sources
+    if (getenv("LLAMA_L2KV_NORM_AFTER_ROPE") != nullptr || k_cur->op != GGML_OP_ROPE) {
+        return k_cur;
+    }
+    ggml_tensor * src = k_cur->src[0];
+    const int32_t * ip = (const int32_t *) k_cur->op_params;
+    const int32_t mode = ip[2];
+    float ext_factor;
+    float attn_factor;
+    memcpy(&ext_factor,  ip + 7, sizeof(float));
+    memcpy(&attn_factor, ip + 8, sizeof(float));
+    // a pure rotation: plain or NeoX pairs, no YaRN magnitude scaling (which would scale the rotated dims only)
+    const bool rotation = (mode == GGML_ROPE_TYPE_NORMAL || mode == GGML_ROPE_TYPE_NEOX) &&
+                          ext_factor == 0.0f && attn_factor == 1.0f;
+    return rotation && ggml_are_same_shape(src, k_cur) ? src : k_cur;
+}
+
 ggml_tensor * llama_kv_cache_l2::cpy_k_norm(ggml_context * ctx, ggml_tensor * k_cur, ggml_tensor * k_idxs, int32_t il) const {
     if (detaching) {
         return nullptr;
@@ -460,7 +478,9 @@ ggml_tensor * llama_kv_cache_l2::cpy_k_norm(ggml_context * ctx, ggml_tensor * k_
     const int64_t n_head      = k_cur->ne[1];
     const int64_t n_tokens    = k_cur->ne[2];
 
-    ggml_tensor * x = k_cur;
+    // read the key before RoPE (the same norm: a rotation), so that the rotated K keeps one consumer,
+    // its store into the cache; the CUDA backend fuses ROPE -> VIEW -> SET_ROWS only then
+    ggml_tensor * x = llama_l2kv_rope_source(k_cur);
     if (x->type != GGML_TYPE_F32) {
         x = ggml_cast(ctx, x, GGML_TYPE_F32);
     }

@@ -72,6 +72,10 @@ inline bool llama_l2kv_candidate_better(const llama_l2kv_candidate & a, const ll
 // shrink cand to its n_keep best entries, in no particular order (linear time: what an eviction needs)
 void llama_l2kv_keep_best(std::vector<llama_l2kv_candidate> & cand, uint32_t n_keep);
 
+// the tensor whose per-head norms are stored for k_cur: the input of its RoPE when that is a pure rotation
+// (norm-preserving), else k_cur itself; with LLAMA_L2KV_NORM_AFTER_ROPE set, always k_cur (for A/B runs)
+ggml_tensor * llama_l2kv_rope_source(ggml_tensor * k_cur);
+
 // runs fn(0) .. fn(n - 1) on up to n_threads threads, the calling one included (the host part of an
 // eviction: features, ranking and moves are independent per layer)
 void llama_l2kv_parallel_for(uint32_t n, int32_t n_threads, const std::function<void(uint32_t)> & fn);
