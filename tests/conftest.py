@@ -10,8 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from l2kv_cpp import _lib
+from l2kv_cpp.errors import LibraryNotFoundError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "scripts"))  # build_patched / apply_patches are importable in tests
+
+# libllama before numpy (which test modules import at collection): on the GPU device image a process
+# that imported numpy first crashed at model load. Without a library the tests that need it fail.
+try:
+    _lib.llama_cpp()
+except LibraryNotFoundError:
+    pass
 
 
 @pytest.fixture(scope="session")
