@@ -135,10 +135,13 @@ def summary_line(model: L2KVModel, last: GenerationResponse | None) -> str:
     mem = model.memory_report()
     n = last.n_generated_tokens if last else 0
     tps = last.tokens_per_second if last else 0.0
-    return (
-        f"[{n} tokens, {tps:.1f} t/s | KV {st.n_cells_used} cells, {st.n_evictions} evictions, "
-        f"{mem['kv_mib']:.1f} MiB vs {mem['full_cache_mib']:.1f} MiB full]"
-    )
+    # the buffer is sized for budget + batch up front: until the chat outgrows it, say so rather than
+    # print a "vs" that reads like eviction costing memory
+    if mem["full_cache_mib"] >= mem["kv_mib"]:
+        memory = f"{mem['kv_mib']:.1f} MiB vs {mem['full_cache_mib']:.1f} MiB full"
+    else:
+        memory = f"{mem['kv_mib']:.1f} MiB fixed buffer (full cache so far: {mem['full_cache_mib']:.1f} MiB)"
+    return f"[{n} tokens, {tps:.1f} t/s | KV {st.n_cells_used} cells, {st.n_evictions} evictions, {memory}]"
 
 
 def _answer(

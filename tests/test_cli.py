@@ -151,3 +151,19 @@ def test_fetch_of_unknown_model_is_refused():
     res = invoke("models", "--fetch", "llama-70b")
     assert res.exit_code == 1
     assert "unknown model 'llama-70b'" in res.stderr
+
+
+def test_summary_line_says_when_the_buffer_is_larger_than_the_chat():
+    from types import SimpleNamespace
+
+    from l2kv_cpp.runner import summary_line
+
+    def model(kv_mib: float, full_mib: float):
+        stats = SimpleNamespace(n_cells_used=70, n_evictions=0)
+        report = {"kv_mib": kv_mib, "full_cache_mib": full_mib, "tokens_seen": 70.0}
+        return SimpleNamespace(stats=lambda: stats, memory_report=lambda: report)
+
+    short = summary_line(model(102.8, 1.3), None)
+    assert "102.8 MiB fixed buffer (full cache so far: 1.3 MiB)" in short and " vs " not in short
+    long = summary_line(model(28.1, 230.6), None)
+    assert "28.1 MiB vs 230.6 MiB full" in long
