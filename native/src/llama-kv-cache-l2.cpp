@@ -160,8 +160,9 @@ void llama_l2kv_parallel_for(uint32_t n, int32_t n_threads, const std::function<
 #ifdef LLAMA_L2KV_USE_OPENMP
     // the CPU backend's OpenMP threads: after a graph they spin for milliseconds, so threads of our own
     // would have to share the cores with them (measured: ranking took 2x as long on 2 cores)
+    // (an int index: MSVC's OpenMP 2.0 wants a signed int loop variable; n is a layer count)
     #pragma omp parallel for schedule(dynamic, 1) num_threads(n_workers)
-    for (int64_t i = 0; i < (int64_t) n; ++i) {
+    for (int i = 0; i < (int) n; ++i) {
         fn((uint32_t) i);
     }
 #else
