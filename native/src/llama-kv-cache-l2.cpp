@@ -969,9 +969,9 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
 
     // cells [0, n_keep) now hold the kept entries of every (layer, head): give them virtual positions
     // that end at the last position, so that they stay visible to every later token
-    for (uint32_t c : used) {
-        cells.rm(c);
-    }
+    // (every used cell is rewritten, so one reset replaces a removal per cell: each removal and each
+    // re-add updates the cells' ordered position set, and at budget 4096 the removals cost ~0.8 ms)
+    cells.reset();
     for (uint32_t j = 0; j < n_keep; ++j) {
         cells.pos_set(j, pos_last - (int32_t) n_keep + 1 + (int32_t) j);
         cells.seq_add(j, 0);
