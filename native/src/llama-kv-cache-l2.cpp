@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdarg>
 #include <cstdlib>
 #include <cstring>
@@ -23,7 +24,6 @@
 #include <numeric>
 #include <stdexcept>
 #include <thread>
-#include <atomic>
 
 //
 // errors
