@@ -78,10 +78,20 @@ CONFIGS = [
 NEEDS_COSINES = (Policy.KEY_DIFF, Policy.HYBRID)
 
 
+THREADINGS = {
+    "default": {},  # the context's defaults (OpenMP workers when ggml uses OpenMP)
+    "serial": {"n_threads": 1, "n_threads_batch": 1},
+    "std-threads": {"n_threads": 4, "n_threads_batch": 4, "env": "LLAMA_L2KV_STD_THREADS"},  # builds without OpenMP
+}
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.policy.name}-{'head' if c.per_head else 'layer'}")
-def test_native_eviction_keeps_what_the_reference_keeps(tiny_model, config):
+def test_native_eviction_keeps_what_the_reference_keeps(tiny_model, config, monkeypatch, threading="default"):
     """Twice: once on fresh cells (true positions), once after a compaction (positions from the host table)."""
-    llm = make_llm(tiny_model, n_ctx=256, n_batch=64)
+    settings = dict(THREADINGS[threading])
+    if "env" in settings:
+        monkeypatch.setenv(settings.pop("env"), "1")
+    llm = make_llm(tiny_model, n_ctx=256, n_batch=64, **settings)
     try:
         cache.enable(llm.ctx, config)
         n_layer = int(llm.metadata["llama.block_count"])
@@ -104,6 +114,14 @@ def test_native_eviction_keeps_what_the_reference_keeps(tiny_model, config):
             assert st.n_cells_used == config.kv_budget and st.n_cells_compacted == config.kv_budget
     finally:
         llm.close()
+
+
+@pytest.mark.parametrize("threading", ["serial", "std-threads"])
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[5]], ids=["KEEP_LOW_NORM-head", "KEY_DIFF-head"])
+def test_every_threading_path_keeps_what_the_reference_keeps(tiny_model, config, threading, monkeypatch):
+    """The host work of an eviction runs per layer on the context's threads: one thread, and the
+    std::thread path of builds without OpenMP, keep exactly what the reference keeps too."""
+    test_native_eviction_keeps_what_the_reference_keeps(tiny_model, config, monkeypatch, threading)
 
 
 def test_heads_keep_different_tokens_and_norms_move_with_rows(tiny_model):

@@ -159,13 +159,17 @@ void llama_l2kv_parallel_for(uint32_t n, int32_t n_threads, const std::function<
     }
 #ifdef LLAMA_L2KV_USE_OPENMP
     // the CPU backend's OpenMP threads: after a graph they spin for milliseconds, so threads of our own
-    // would have to share the cores with them (measured: ranking took 2x as long on 2 cores)
-    // (an int index: MSVC's OpenMP 2.0 wants a signed int loop variable; n is a layer count)
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(n_workers)
-    for (int i = 0; i < (int) n; ++i) {
-        fn((uint32_t) i);
+    // would have to share the cores with them (measured: ranking took 2x as long on 2 cores).
+    // LLAMA_L2KV_STD_THREADS takes the std::thread path of builds without OpenMP (macOS), for tests
+    if (getenv("LLAMA_L2KV_STD_THREADS") == nullptr) {
+        // (an int index: MSVC's OpenMP 2.0 wants a signed int loop variable; n is a layer count)
+        #pragma omp parallel for schedule(dynamic, 1) num_threads(n_workers)
+        for (int i = 0; i < (int) n; ++i) {
+            fn((uint32_t) i);
+        }
+        return;
     }
-#else
+#endif
     // items differ in cost (a skipped layer ranks by recency only): each thread takes the next one
     std::atomic<uint32_t> next{0};
     auto work = [&]() {
@@ -182,7 +186,6 @@ void llama_l2kv_parallel_for(uint32_t n, int32_t n_threads, const std::function<
     for (auto & t : threads) {
         t.join();
     }
-#endif
 }
 
 //
