@@ -9,6 +9,7 @@ frees everything.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -190,6 +191,31 @@ class L2KVModel:
         lc = _lib.llama_cpp()
         lc.llama_memory_clear(lc.llama_get_memory(self.llm.ctx), True)
         self.n_past = 0
+
+    # state
+
+    def save_state(self, path: str | os.PathLike[str]) -> None:
+        """Write the context to a file: the KV cache and, with eviction, its key norms and true positions."""
+        lc = _lib.llama_cpp()
+        if not lc.llama_state_save_file(self.llm.ctx, os.fsencode(path), None, 0):
+            raise InvalidParamsError(f"cannot save the state to {path} (run with -v for llama.cpp's log)")
+
+    def load_state(self, path: str | os.PathLike[str]) -> None:
+        """Restore a state written by save_state (same model; eviction enabled when it was saved with it).
+        On failure the error names the reason; an evicting cache that could not be restored is left empty."""
+        p = Path(path)
+        if not p.is_file():
+            raise InvalidParamsError(f"state file {p} does not exist or is not a file")
+        lc = _lib.llama_cpp()
+        nat = native()
+        error_before = nat.ffi.string(nat.lib.llama_l2kv_last_error())
+        n_tokens = ctypes.c_size_t(0)
+        ok = lc.llama_state_load_file(self.llm.ctx, os.fsencode(p), None, 0, ctypes.byref(n_tokens))
+        error = nat.ffi.string(nat.lib.llama_l2kv_last_error())  # before any other API call clears it
+        self.n_past = self.stats().pos_max + 1
+        if not ok:
+            reason = error.decode(errors="replace") if error and error != error_before else "see llama.cpp's log (-v)"
+            raise InvalidParamsError(f"cannot load the state {p}: {reason}")
 
     def memory_report(self) -> dict[str, float]:
         """KV memory now vs. a full cache holding every token seen so far (MiB), from the live stats."""

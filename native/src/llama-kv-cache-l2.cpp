@@ -9,6 +9,7 @@
 #include "llama-context.h"
 #include "llama-graph.h"
 #include "llama-impl.h"
+#include "llama-io.h"
 #include "llama-kv-cache.h"
 
 #include <algorithm>
@@ -1041,16 +1042,127 @@ void llama_kv_cache_l2::on_clear() {
     }
 }
 
-void llama_kv_cache_l2::check_state_write() const {
-    if (n_comp > 0) {
-        throw std::runtime_error("l2kv: saving the state of an evicted KV cache is not supported (compacted entries "
-                "have virtual positions); save before the first eviction or clear the cache");
+void llama_kv_cache_l2::check_state_read(llama_seq_id seq_id) const {
+    if (seq_id != -1) {
+        throw std::runtime_error("l2kv: loading a per-sequence state into a context with L2 eviction enabled is "
+                "not supported; load a whole context state, or load it with eviction disabled");
     }
 }
 
-[[noreturn]] void llama_kv_cache_l2::check_state_read() const {
-    throw std::runtime_error("l2kv: loading a state into a context with L2 eviction enabled is not supported "
-            "(no key norms in the state); load it with eviction disabled");
+// "L2KV" little-endian, then the block's version
+static constexpr uint32_t LLAMA_L2KV_STATE_MAGIC   = 0x564b324c;
+static constexpr uint32_t LLAMA_L2KV_STATE_VERSION = 1;
+
+void llama_kv_cache_l2::state_write(llama_io_write_i & io, llama_seq_id seq_id) const {
+    if (seq_id != -1) {
+        // a per-sequence state is restored into cells that find_slot picks: fine for true positions,
+        // wrong for compacted cells, whose true positions are kept per cell index
+        if (n_comp > 0) {
+            throw std::runtime_error("l2kv: a per-sequence state of an evicted KV cache is not supported (its "
+                    "cells would be restored elsewhere); save the whole context state instead");
+        }
+        return; // no key norms: such a state loads only with eviction disabled
+    }
+    const std::vector<uint32_t> used = used_cells();
+    const uint32_t n_used  = used.size();
+    const uint32_t n_layer = kv.layers.size();
+
+    // a whole-context restore puts the written cells at 0 .. n_used-1 in order: the compacted cells
+    // [0, n_comp) keep their index (and their row in the true-position table) only if they are all used
+    for (uint32_t c = 0; c < n_comp; ++c) {
+        if (c >= n_used || used[c] != c) {
+            throw std::runtime_error("l2kv: internal error: a compacted cell is empty, the state cannot be saved");
+        }
+    }
+
+    io.write(&LLAMA_L2KV_STATE_MAGIC,   sizeof(uint32_t));
+    io.write(&LLAMA_L2KV_STATE_VERSION, sizeof(uint32_t));
+    io.write(&n_layer,    sizeof(n_layer));
+    io.write(&n_comp,     sizeof(n_comp));
+    io.write(&p_comp_max, sizeof(p_comp_max));
+    io.write(&n_used,     sizeof(n_used));
+
+    for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
+        const uint32_t nh = n_head_kv(ikv);
+        io.write(&nh, sizeof(nh));
+        if (n_comp > 0) {
+            GGML_ASSERT(tpos[ikv].size() == (size_t) n_comp*nh);
+            io.write(tpos[ikv].data(), tpos[ikv].size()*sizeof(int32_t));
+        }
+        // the norm rows of the used cells, one write per run of consecutive cells
+        const size_t row = (size_t) nh*sizeof(float);
+        for (uint32_t i = 0; i < n_used; ) {
+            uint32_t j = i + 1;
+            while (j < n_used && used[j] == used[j - 1] + 1) {
+                ++j;
+            }
+            io.write_tensor(kn[ikv], (size_t) used[i]*row, (size_t) (j - i)*row);
+            i = j;
+        }
+    }
+}
+
+void llama_kv_cache_l2::state_read(llama_io_read_i & io) {
+    const uint32_t n_layer = kv.layers.size();
+    try {
+        uint32_t magic = 0;
+        uint32_t version = 0;
+        io.read(&magic, sizeof(magic));
+        if (magic != LLAMA_L2KV_STATE_MAGIC) {
+            throw std::runtime_error("the state has no l2kv data (saved with eviction disabled?)");
+        }
+        io.read(&version, sizeof(version));
+        if (version != LLAMA_L2KV_STATE_VERSION) {
+            throw std::runtime_error(format("l2kv state version %u, this library reads version %u",
+                    version, LLAMA_L2KV_STATE_VERSION));
+        }
+        uint32_t n_layer_in = 0;
+        uint32_t n_comp_in  = 0;
+        int32_t  p_comp_in  = -1;
+        uint32_t n_used_in  = 0;
+        io.read(&n_layer_in, sizeof(n_layer_in));
+        io.read(&n_comp_in,  sizeof(n_comp_in));
+        io.read(&p_comp_in,  sizeof(p_comp_in));
+        io.read(&n_used_in,  sizeof(n_used_in));
+        if (n_layer_in != n_layer) {
+            throw std::runtime_error(format("the state has %u budgeted layers, this model %u", n_layer_in, n_layer));
+        }
+        // the stock restore above put the cells at 0 .. n_used-1
+        if (n_used_in != cells().get_used() || n_used_in != cells().used_max_p1() || n_comp_in > n_used_in) {
+            throw std::runtime_error(format("the state's %u cells (%u compacted) do not match the %u restored",
+                    n_used_in, n_comp_in, cells().get_used()));
+        }
+
+        std::vector<std::vector<int32_t>> tpos_in(n_layer);
+        for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
+            uint32_t nh = 0;
+            io.read(&nh, sizeof(nh));
+            if (nh != n_head_kv(ikv)) {
+                throw std::runtime_error(format("layer %d: the state has %u KV heads, this model %u",
+                        layer_il(ikv), nh, n_head_kv(ikv)));
+            }
+            tpos_in[ikv].resize((size_t) n_comp_in*nh);
+            if (n_comp_in > 0) {
+                io.read(tpos_in[ikv].data(), tpos_in[ikv].size()*sizeof(int32_t));
+            }
+            if (n_used_in > 0) {
+                io.read_tensor(kn[ikv], 0, (size_t) n_used_in*nh*sizeof(float));
+            }
+        }
+
+        n_comp     = n_comp_in;
+        p_comp_max = p_comp_in;
+        tpos       = std::move(tpos_in);
+        pending_evict = false;
+        failed        = false;
+    } catch (const std::exception & err) {
+        // the cells were restored without their norms: drop everything rather than evict on stale norms
+        io.discard();
+        kv.clear(true);
+        // (also the API's last error, which llama_state_load_file and llama_state_set_data do not return)
+        llama_l2kv_error("l2kv: cannot restore the state, the cache was cleared: %s\n", err.what());
+        throw std::runtime_error(llama_l2kv_last_error());
+    }
 }
 
 //

@@ -40,6 +40,8 @@ struct llama_context;
 struct ggml_context;
 struct ggml_tensor;
 class llm_graph_input_i;
+class llama_io_read_i;
+class llama_io_write_i;
 class llm_graph_result;
 
 // one entry of a selection, its sort keys packed into one integer (selection is the hot loop of an
@@ -244,6 +246,11 @@ struct llama_kv_cache_l2 {
     bool shift_allowed() const;
 
     void on_clear();
-    void check_state_write() const; // throws after a compaction
-    [[noreturn]] void check_state_read() const; // throws
+
+    // state save/load: a whole-context state (seq_id -1) carries, after the stock cells, an l2kv block
+    // with the compaction state, the true positions and the key norms of the cells it wrote; a
+    // per-sequence state cannot be restored into the same cells, so it is refused where it would be wrong
+    void state_write(llama_io_write_i & io, llama_seq_id seq_id) const; // throws for a per-sequence state after a compaction
+    void check_state_read(llama_seq_id seq_id) const;                   // throws for a per-sequence state
+    void state_read(llama_io_read_i & io);                              // on a bad block: clears the cache, then throws
 };
