@@ -289,6 +289,12 @@ def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--system", default=None, help="system prompt (chat templates only)")
 @click.option("--chat/--no-chat", default=None, help="use the chat template [default: when the model has one]")
 @click.option("--json", "as_json", is_flag=True, help="one-shot: print one JSON object with the text and statistics")
+@click.option(
+    "--session",
+    default=None,
+    type=click.Path(),
+    help="resume the conversation saved in this file (if it exists) and save it there on exit",
+)
 @_sampling_options
 @_eviction_options
 @_model_options
@@ -301,6 +307,7 @@ def run(
     system: str | None,
     chat: bool | None,
     as_json: bool,
+    session: str | None,
     **opts: Any,
 ) -> None:
     """Chat with MODEL (a GGUF path or smollm2 / gemma3-270m; default smollm2) in bounded KV memory.
@@ -313,7 +320,15 @@ def run(
         raise click.UsageError("--json needs -p/--prompt (one-shot mode)")
     settings = runner.settings_from_options(opts)
     runner.run(
-        model, prompt=prompt, file=file, n_predict=n_predict, system=system, chat=chat, as_json=as_json, **settings
+        model,
+        prompt=prompt,
+        file=file,
+        n_predict=n_predict,
+        system=system,
+        chat=chat,
+        as_json=as_json,
+        session=session,
+        **settings,
     )
 
 

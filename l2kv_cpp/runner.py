@@ -21,6 +21,7 @@ from .generate import GenerationResponse
 from .models import resolve_model
 from .sampling import SamplingSettings
 from .session import L2KVModel, ModelSettings, ProgressFn
+from .session_file import load_session, save_session
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 HELP = "commands: /stats (KV memory and evictions), /reset (forget the conversation), /exit; Ctrl-C stops an answer"
@@ -176,19 +177,31 @@ def run(
     model_settings: ModelSettings,
     l2kv: L2KVConfig,
     sampling: SamplingSettings,
+    session: str | None = None,
 ) -> None:
     path = resolve_model(model)
     document = read_document(file) if file else None
+    if session is not None and Path(session).is_dir():
+        raise InvalidParamsError(f"--session: {session} is a directory")
     with L2KVModel(path, model_settings, l2kv) as m:
         conv = Conversation(m, chat=chat, system=system)
-        if document is not None:
-            with progress_bar(m, "document") as progress:
-                n = conv.load_document(document, progress)
-            print(f"[loaded {file}: {n} tokens; {m.stats().n_cells_used} KV cells in use]", file=sys.stderr)
-        if prompt is not None:
-            one_shot(conv, prompt, sampling, n_predict, as_json)
-        else:
-            interactive(conv, sampling, n_predict)
+        if session is not None and Path(session).exists():
+            load_session(conv, session)  # raises before anything could overwrite the file
+            n_turns = sum(msg["role"] == "user" for msg in conv.messages)
+            print(f"[resumed {session}: {m.n_past} tokens, {n_turns} turns]", file=sys.stderr)
+        try:
+            if document is not None:
+                with progress_bar(m, "document") as progress:
+                    n = conv.load_document(document, progress)
+                print(f"[loaded {file}: {n} tokens; {m.stats().n_cells_used} KV cells in use]", file=sys.stderr)
+            if prompt is not None:
+                one_shot(conv, prompt, sampling, n_predict, as_json)
+            else:
+                interactive(conv, sampling, n_predict)
+        finally:
+            if session is not None:
+                n_bytes = save_session(conv, session)
+                print(f"[saved {session}: {m.n_past} tokens, {n_bytes / 2**20:.1f} MiB]", file=sys.stderr)
 
 
 def one_shot(conv: Conversation, prompt: str, sampling: SamplingSettings, n_predict: int, as_json: bool) -> None:

@@ -167,3 +167,57 @@ def test_summary_line_says_when_the_buffer_is_larger_than_the_chat():
     assert "102.8 MiB fixed buffer (full cache so far: 1.3 MiB)" in short and " vs " not in short
     long = summary_line(model(28.1, 230.6), None)
     assert "28.1 MiB vs 230.6 MiB full" in long
+
+
+def test_session_resumes_a_conversation_bit_for_bit(tiny_model, tmp_path):
+    """Two one-shot runs through one session file answer the second prompt exactly like one process
+    that ran both (which, with greedy sampling, compares the restored cache with the original)."""
+    from l2kv_cpp.chat import Conversation
+    from l2kv_cpp.sampling import SamplingSettings
+    from l2kv_cpp.session import L2KVModel, ModelSettings
+
+    session = tmp_path / "chat.session"
+    one_shot = ("run", str(tiny_model), "--json", "--session", str(session), *TINY_RUN)
+    first = invoke(*one_shot, "-p", "abc " * 30, "-n", "40")
+    assert first.exit_code == 0, first.output
+    assert session.is_file() and "[saved" in first.stderr
+    second = invoke(*one_shot, "-p", "xyz", "-n", "20")
+    assert second.exit_code == 0, second.output
+    assert "[resumed" in second.stderr
+    resumed = json.loads(second.stdout)
+    assert resumed["kv"]["pos_max"] > json.loads(first.stdout)["kv"]["pos_max"]  # the cache grew on top of the first
+
+    settings = ModelSettings(n_batch=32, n_ubatch=32)
+    greedy = SamplingSettings(temperature=0)
+    with L2KVModel(tiny_model, settings, L2KVConfigForCli()) as m:
+        conv = Conversation(m)
+        for _ in conv.ask("abc " * 30, greedy, 40):
+            pass
+        assert m.stats().n_evictions >= 1  # the saved cache had been evicted
+        text = "".join(r.text for r in conv.ask("xyz", greedy, 20))
+    assert resumed["text"] == text
+
+
+def L2KVConfigForCli():  # the eviction settings TINY_RUN gives the CLI
+    from l2kv_cpp.config import L2KVConfig
+
+    return L2KVConfig(kv_budget=64)
+
+
+def test_session_errors_are_one_line_and_keep_the_file(tiny_model, tmp_path):
+    bad = tmp_path / "bad.session"
+    bad.write_bytes(b"not a session")
+    res = invoke("run", str(tiny_model), "-p", "abc", "--session", str(bad), *TINY_RUN)
+    assert res.exit_code == 1 and "not an l2kv-cpp session file" in res.output
+    assert bad.read_bytes() == b"not a session"  # never overwritten
+    # a session of another model is refused
+    other = tmp_path / "other.gguf"
+    other.write_bytes(tiny_model.read_bytes())
+    session = tmp_path / "s.session"
+    assert invoke("run", str(other), "-p", "abc", "-n", "2", "--session", str(session), *TINY_RUN).exit_code == 0
+    res = invoke("run", str(tiny_model), "-p", "abc", "--session", str(session), *TINY_RUN)
+    assert res.exit_code == 1 and "was saved with model other.gguf" in res.output
+    # another cache type does not fit (llama.cpp checks the K/V types of the state)
+    res = invoke("run", str(other), "-p", "abc", "--session", str(session), "-ctk", "bf16", *TINY_RUN)
+    assert res.exit_code == 1 and "does not fit this context" in res.output
+    assert invoke("run", str(other), "-p", "abc", "-n", "2", "--session", str(session), *TINY_RUN).exit_code == 0

@@ -1,0 +1,110 @@
+"""A conversation saved to one file and resumed later (`l2kv-cpp run --session FILE`).
+
+The file holds a small JSON header (which model, the conversation's text state) followed by the
+context's llama.cpp state, which with eviction carries the evicted cache, its key norms and true
+positions (see docs/design.md). Writes go to a temporary file renamed into place, so an interrupted
+save never destroys the previous session.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import struct
+from pathlib import Path
+
+from . import _lib
+from .chat import Conversation
+from .errors import InvalidParamsError
+
+MAGIC = b"L2KVSESS"
+VERSION = 1
+_HEADER = struct.Struct("<8sII")  # magic, version, JSON length
+
+
+def _model_identity(conv: Conversation) -> dict[str, object]:
+    path = conv.model.path
+    return {"name": path.name, "size": path.stat().st_size}
+
+
+def save_session(conv: Conversation, path: str | os.PathLike[str]) -> int:
+    """Write the conversation and its KV cache to `path`; returns the bytes written."""
+    model = conv.model
+    lc = _lib.llama_cpp()
+    size = lc.llama_state_get_size(model.llm.ctx)
+    if size == 0:
+        raise InvalidParamsError("the context state cannot be saved (run with -v for llama.cpp's log)")
+    state = (ctypes.c_uint8 * size)()
+    if lc.llama_state_get_data(model.llm.ctx, state, size) != size:
+        raise InvalidParamsError("the context state changed size while it was saved")
+    header = json.dumps(
+        {
+            "model": _model_identity(conv),
+            "kv_budget": model.l2kv.kv_budget if model.l2kv else None,
+            "n_past": model.n_past,
+            "conversation": {
+                "chat": conv.chat,
+                "messages": conv.messages,
+                "fed_text": conv.fed_text,
+                "document": conv.document,
+            },
+        }
+    ).encode()
+    target = Path(path)
+    tmp = target.with_name(target.name + ".part")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_HEADER.pack(MAGIC, VERSION, len(header)))
+            f.write(header)
+            f.write(memoryview(state).cast("B"))
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise InvalidParamsError(f"--session: cannot write {target}: {exc.strerror}") from None
+    return _HEADER.size + len(header) + size
+
+
+def load_session(conv: Conversation, path: str | os.PathLike[str]) -> None:
+    """Restore a conversation saved by save_session into `conv` (a fresh one on the same model)."""
+    source = Path(path)
+    try:
+        data = source.read_bytes()
+    except OSError as exc:
+        raise InvalidParamsError(f"--session: cannot read {source}: {exc.strerror}") from None
+    if len(data) < _HEADER.size:
+        raise InvalidParamsError(f"--session: {source} is not an l2kv-cpp session file")
+    magic, version, n_json = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise InvalidParamsError(f"--session: {source} is not an l2kv-cpp session file")
+    if version != VERSION:
+        raise InvalidParamsError(f"--session: {source} has version {version}; this l2kv-cpp reads version {VERSION}")
+    try:
+        header = json.loads(data[_HEADER.size : _HEADER.size + n_json])
+        saved = header["conversation"]
+    except (ValueError, KeyError, TypeError):
+        raise InvalidParamsError(f"--session: {source} is damaged (unreadable header)") from None
+    if header.get("model") != _model_identity(conv):
+        saved_name = (header.get("model") or {}).get("name")
+        raise InvalidParamsError(f"--session: {source} was saved with model {saved_name}, not {conv.model.path.name}")
+    if bool(saved["chat"]) != bool(conv.chat):
+        how = "with" if saved["chat"] else "without"
+        raise InvalidParamsError(f"--session: {source} was saved {how} the chat template (--chat/--no-chat)")
+
+    model = conv.model
+    lc = _lib.llama_cpp()
+    state = data[_HEADER.size + n_json :]
+    buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+    if lc.llama_state_set_data(model.llm.ctx, buf, len(state)) != len(state):
+        model.reset()
+        raise InvalidParamsError(
+            f"--session: {source} does not fit this context (other settings: cache type, --kv-budget, -c?); "
+            "run with -v for llama.cpp's log"
+        )
+    model.n_past = model.stats().pos_max + 1
+    if model.n_past != header["n_past"]:
+        model.reset()
+        raise InvalidParamsError(f"--session: {source} is damaged (positions do not match its header)")
+    conv.messages = list(saved["messages"])
+    conv.fed_text = saved["fed_text"]
+    conv.document = saved["document"]
