@@ -81,14 +81,21 @@ def load_session(conv: Conversation, path: str | os.PathLike[str]) -> None:
         raise InvalidParamsError(f"--session: {source} has version {version}; this l2kv-cpp reads version {VERSION}")
     try:
         header = json.loads(data[_HEADER.size : _HEADER.size + n_json])
+        saved_model = dict(header["model"])
+        n_past = int(header["n_past"])
         saved = header["conversation"]
+        saved_chat = bool(saved["chat"])
+        messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in saved["messages"]]
+        fed_text = str(saved["fed_text"])
+        document = None if saved["document"] is None else str(saved["document"])
     except (ValueError, KeyError, TypeError):
         raise InvalidParamsError(f"--session: {source} is damaged (unreadable header)") from None
-    if header.get("model") != _model_identity(conv):
-        saved_name = (header.get("model") or {}).get("name")
-        raise InvalidParamsError(f"--session: {source} was saved with model {saved_name}, not {conv.model.path.name}")
-    if bool(saved["chat"]) != bool(conv.chat):
-        how = "with" if saved["chat"] else "without"
+    if saved_model != _model_identity(conv):
+        raise InvalidParamsError(
+            f"--session: {source} was saved with model {saved_model.get('name')}, not {conv.model.path.name}"
+        )
+    if saved_chat != bool(conv.chat):
+        how = "with" if saved_chat else "without"
         raise InvalidParamsError(f"--session: {source} was saved {how} the chat template (--chat/--no-chat)")
 
     model = conv.model
@@ -98,13 +105,13 @@ def load_session(conv: Conversation, path: str | os.PathLike[str]) -> None:
     if lc.llama_state_set_data(model.llm.ctx, buf, len(state)) != len(state):
         model.reset()
         raise InvalidParamsError(
-            f"--session: {source} does not fit this context (other settings: cache type, --kv-budget, -c?); "
-            "run with -v for llama.cpp's log"
+            f"--session: {source} does not fit this context (saved with other settings such as the cache type, "
+            "or damaged); run with -v for llama.cpp's log"
         )
     model.n_past = model.stats().pos_max + 1
-    if model.n_past != header["n_past"]:
+    if model.n_past != n_past:
         model.reset()
         raise InvalidParamsError(f"--session: {source} is damaged (positions do not match its header)")
-    conv.messages = list(saved["messages"])
-    conv.fed_text = saved["fed_text"]
-    conv.document = saved["document"]
+    conv.messages = messages
+    conv.fed_text = fed_text
+    conv.document = document

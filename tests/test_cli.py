@@ -221,3 +221,10 @@ def test_session_errors_are_one_line_and_keep_the_file(tiny_model, tmp_path):
     res = invoke("run", str(other), "-p", "abc", "--session", str(session), "-ctk", "bf16", *TINY_RUN)
     assert res.exit_code == 1 and "does not fit this context" in res.output
     assert invoke("run", str(other), "-p", "abc", "-n", "2", "--session", str(session), *TINY_RUN).exit_code == 0
+    # damaged files: a truncated state, an unreadable header
+    good = session.read_bytes()
+    for damaged, message in [(good[:-100], "does not fit this context"), (good[:16] + b"{" * 40, "damaged")]:
+        session.write_bytes(damaged)
+        res = invoke("run", str(other), "-p", "abc", "--session", str(session), *TINY_RUN)
+        assert res.exit_code == 1 and message in res.output and len(res.output.strip().splitlines()) == 1
+        assert session.read_bytes() == damaged
