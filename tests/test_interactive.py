@@ -84,3 +84,40 @@ def test_chat_session_on_a_document_four_times_the_budget(smollm2_path, tmp_path
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_session_saved_on_exit_is_resumed_in_a_new_process(smollm2_path, tmp_path):
+    """Read the document in one chat, leave with /exit; a second chat resumes the saved (evicted)
+    cache, answers about the document without reading it again, and saves again on Ctrl-D."""
+    doc = tmp_path / "passkey.txt"
+    doc.write_text(passkey_document())
+    session = tmp_path / "passkey.session"
+    cli = str(Path(sys.executable).parent / "l2kv-cpp")
+    common = ["--session", str(session), "--kv-budget", "256", "--n-sink", "64", "-b", "128", "-ub", "128"]
+    common += ["--temp", "0", "-n", "40"]
+
+    child = pexpect.spawn(cli, ["run", "-f", str(doc), *common], encoding="utf-8", timeout=120, dimensions=(40, 200))
+    try:
+        child.expect_exact("> ")
+        child.sendline("/exit")
+        child.expect(r"\[saved .*passkey\.session: (\d+) tokens")
+        assert int(child.match.group(1)) > 4 * 256
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0 and session.is_file()
+    first_size = session.stat().st_size
+
+    child = pexpect.spawn(cli, ["run", *common], encoding="utf-8", timeout=120, dimensions=(40, 200))
+    try:
+        child.expect(r"\[resumed .*passkey\.session: (\d+) tokens")
+        child.expect_exact("> ")
+        child.sendline("What is the pass key?")
+        child.expect("68417")
+        child.expect_exact("> ")
+        child.sendeof()  # Ctrl-D
+        child.expect(r"\[saved .*passkey\.session")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0 and session.stat().st_size > first_size
