@@ -7,6 +7,7 @@ prints. Output: answers on stdout; progress, statistics and llama.cpp's log (wit
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -181,8 +182,13 @@ def run(
 ) -> None:
     path = resolve_model(model)
     document = read_document(file) if file else None
-    if session is not None and Path(session).is_dir():
-        raise InvalidParamsError(f"--session: {session} is a directory")
+    if session is not None:
+        # fail before the chat rather than when saving it at the end
+        where = Path(session).resolve().parent
+        if Path(session).is_dir():
+            raise InvalidParamsError(f"--session: {session} is a directory")
+        if not where.is_dir() or not os.access(where, os.W_OK):
+            raise InvalidParamsError(f"--session: cannot write into {where}")
     with L2KVModel(path, model_settings, l2kv) as m:
         conv = Conversation(m, chat=chat, system=system)
         if session is not None and Path(session).exists():

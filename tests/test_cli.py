@@ -205,6 +205,10 @@ def L2KVConfigForCli():  # the eviction settings TINY_RUN gives the CLI
 
 
 def test_session_errors_are_one_line_and_keep_the_file(tiny_model, tmp_path):
+    res = invoke("run", str(tiny_model), "-p", "abc", "--session", str(tmp_path / "no" / "such" / "dir.session"))
+    assert res.exit_code == 1 and "cannot write into" in res.output
+    res = invoke("run", str(tiny_model), "-p", "abc", "--session", str(tmp_path))
+    assert res.exit_code == 1 and "is a directory" in res.output
     bad = tmp_path / "bad.session"
     bad.write_bytes(b"not a session")
     res = invoke("run", str(tiny_model), "-p", "abc", "--session", str(bad), *TINY_RUN)
