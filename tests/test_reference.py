@@ -19,12 +19,13 @@ from l2kv_cpp.session import ggml_type_id
 @pytest.mark.parametrize("seed", range(5))
 def test_select_matches_reference_with_ties_nans_and_protection(seed):
     rng = np.random.default_rng(seed)
-    for _ in range(100):
-        n = int(rng.integers(0, 80))
-        pos = rng.permutation(400)[:n].astype(np.int32)
+    for trial in range(100):
+        # every 4th trial is large enough for the radix-sorted whole ranking (>= 256 entries)
+        n = int(rng.integers(256, 1200)) if trial % 4 == 0 else int(rng.integers(0, 80))
+        pos = rng.permutation(2000)[:n].astype(np.int32)
         score = rng.integers(0, 4, size=n).astype(np.float32)  # many ties
         score[rng.random(n) < 0.1] = np.nan
-        n_keep = int(rng.integers(0, 100))  # also >= n: everything is kept
+        n_keep = int(rng.integers(0, n + 20))  # also >= n: everything is kept
         n_sink, n_recent = int(rng.integers(0, 6)), int(rng.integers(0, 6))
         pos_last = int(pos.max()) if n else 0
         got = cache.native_select(pos, score, n_keep, n_sink, n_recent, pos_last)
@@ -39,8 +40,8 @@ def test_select_matches_reference_on_extreme_scores_and_positions():
     values = np.array(
         [-np.inf, -3.4e38, -1.0, -1e-45, -0.0, 0.0, 1e-45, 1e-38, 1.0, 3.4e38, np.inf, np.nan], dtype=np.float32
     )
-    for _ in range(200):
-        n = int(rng.integers(1, 60))
+    for trial in range(200):
+        n = int(rng.integers(256, 900)) if trial % 4 == 0 else int(rng.integers(1, 60))
         pos = (np.iinfo(np.int32).max - rng.permutation(1000)[:n]).astype(np.int32)
         score = rng.choice(values, size=n)
         n_keep = int(rng.integers(0, n + 2))

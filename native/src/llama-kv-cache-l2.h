@@ -78,6 +78,9 @@ void llama_l2kv_keep_best(std::vector<llama_l2kv_candidate> & cand, uint32_t n_k
 // (norm-preserving), else k_cur itself; with LLAMA_L2KV_NORM_AFTER_ROPE set, always k_cur (for A/B runs)
 ggml_tensor * llama_l2kv_rope_source(ggml_tensor * k_cur);
 
+// sort candidates, built in index order, into the rule's full order (a whole ranking, e.g. the hybrid's)
+void llama_l2kv_sort_candidates(std::vector<llama_l2kv_candidate> & cand);
+
 // runs fn(0) .. fn(n - 1) on up to n_threads threads, the calling one included (the host part of an
 // eviction: features, ranking and moves are independent per layer)
 void llama_l2kv_parallel_for(uint32_t n, int32_t n_threads, const std::function<void(uint32_t)> & fn);

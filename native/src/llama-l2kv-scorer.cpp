@@ -86,7 +86,7 @@ static void llama_l2kv_ranks(const std::vector<float> & score, const int32_t * p
     const uint32_t n = score.size();
     std::vector<llama_l2kv_candidate> cand;
     llama_l2kv_candidates(pos, score.data(), n, 0, 0, std::numeric_limits<int32_t>::max(), cand);
-    std::sort(cand.begin(), cand.end(), llama_l2kv_candidate_better);
+    llama_l2kv_sort_candidates(cand);
     rank.resize(n);
     for (uint32_t r = 0; r < n; ++r) {
         rank[cand[r].idx] = (float) r;
