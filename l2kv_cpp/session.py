@@ -207,15 +207,39 @@ class L2KVModel:
         if not p.is_file():
             raise InvalidParamsError(f"state file {p} does not exist or is not a file")
         lc = _lib.llama_cpp()
+        n_tokens = ctypes.c_size_t(0)
+        self._load(
+            lambda: lc.llama_state_load_file(self.llm.ctx, os.fsencode(p), None, 0, ctypes.byref(n_tokens)),
+            f"the state {p}",
+        )
+
+    def state_data(self) -> bytes:
+        """The context's whole state in memory (what save_state writes, without llama.cpp's file header)."""
+        lc = _lib.llama_cpp()
+        size = lc.llama_state_get_size(self.llm.ctx)
+        if size == 0:
+            raise InvalidParamsError("the context state cannot be saved (run with -v for llama.cpp's log)")
+        buf = (ctypes.c_uint8 * size)()
+        if lc.llama_state_get_data(self.llm.ctx, buf, size) != size:
+            raise InvalidParamsError("the context state changed size while it was saved")
+        return bytes(buf)
+
+    def load_state_data(self, data: bytes) -> None:
+        """Restore a state returned by state_data; errors as load_state."""
+        lc = _lib.llama_cpp()
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        self._load(lambda: lc.llama_state_set_data(self.llm.ctx, buf, len(data)) == len(data), "the state")
+
+    def _load(self, load: Callable[[], bool], what: str) -> None:
+        """Run a state restore; n_past follows the restored cache; on failure raise with the library's reason."""
         nat = native()
         error_before = nat.ffi.string(nat.lib.llama_l2kv_last_error())
-        n_tokens = ctypes.c_size_t(0)
-        ok = lc.llama_state_load_file(self.llm.ctx, os.fsencode(p), None, 0, ctypes.byref(n_tokens))
+        ok = load()
         error = nat.ffi.string(nat.lib.llama_l2kv_last_error())  # before any other API call clears it
         self.n_past = self.stats().pos_max + 1
         if not ok:
             reason = error.decode(errors="replace") if error and error != error_before else "see llama.cpp's log (-v)"
-            raise InvalidParamsError(f"cannot load the state {p}: {reason}")
+            raise InvalidParamsError(f"cannot load {what}: {reason}")
 
     def memory_report(self) -> dict[str, float]:
         """KV memory now vs. a full cache holding every token seen so far (MiB), from the live stats."""

@@ -8,13 +8,11 @@ save never destroys the previous session.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import struct
 from pathlib import Path
 
-from . import _lib
 from .chat import Conversation
 from .errors import InvalidParamsError
 
@@ -31,17 +29,10 @@ def _model_identity(conv: Conversation) -> dict[str, object]:
 def save_session(conv: Conversation, path: str | os.PathLike[str]) -> int:
     """Write the conversation and its KV cache to `path`; returns the bytes written."""
     model = conv.model
-    lc = _lib.llama_cpp()
-    size = lc.llama_state_get_size(model.llm.ctx)
-    if size == 0:
-        raise InvalidParamsError("the context state cannot be saved (run with -v for llama.cpp's log)")
-    state = (ctypes.c_uint8 * size)()
-    if lc.llama_state_get_data(model.llm.ctx, state, size) != size:
-        raise InvalidParamsError("the context state changed size while it was saved")
+    state = model.state_data()
     header = json.dumps(
         {
             "model": _model_identity(conv),
-            "kv_budget": model.l2kv.kv_budget if model.l2kv else None,
             "n_past": model.n_past,
             "conversation": {
                 "chat": conv.chat,
@@ -57,12 +48,12 @@ def save_session(conv: Conversation, path: str | os.PathLike[str]) -> int:
         with open(tmp, "wb") as f:
             f.write(_HEADER.pack(MAGIC, VERSION, len(header)))
             f.write(header)
-            f.write(memoryview(state).cast("B"))
+            f.write(state)
         os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise InvalidParamsError(f"--session: cannot write {target}: {exc.strerror}") from None
-    return _HEADER.size + len(header) + size
+    return _HEADER.size + len(header) + len(state)
 
 
 def load_session(conv: Conversation, path: str | os.PathLike[str]) -> None:
@@ -99,16 +90,14 @@ def load_session(conv: Conversation, path: str | os.PathLike[str]) -> None:
         raise InvalidParamsError(f"--session: {source} was saved {how} the chat template (--chat/--no-chat)")
 
     model = conv.model
-    lc = _lib.llama_cpp()
-    state = data[_HEADER.size + n_json :]
-    buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-    if lc.llama_state_set_data(model.llm.ctx, buf, len(state)) != len(state):
+    try:
+        model.load_state_data(data[_HEADER.size + n_json :])
+    except InvalidParamsError as exc:
         model.reset()
         raise InvalidParamsError(
             f"--session: {source} does not fit this context (saved with other settings such as the cache type, "
-            "or damaged); run with -v for llama.cpp's log"
-        )
-    model.n_past = model.stats().pos_max + 1
+            f"or damaged): {exc}"
+        ) from None
     if model.n_past != n_past:
         model.reset()
         raise InvalidParamsError(f"--session: {source} is damaged (positions do not match its header)")
