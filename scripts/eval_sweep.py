@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama_cpp  # noqa: E402,F401  (load libllama before numpy-heavy modules, see l2kv_cpp/_lib.py)
 
 from l2kv_cpp.eval import niah, passkey, report  # noqa: E402
-from l2kv_cpp.eval.qa import POLICIES  # noqa: E402
 from l2kv_cpp.eval.results import ResultStore  # noqa: E402
 from l2kv_cpp.eval.tasks import compressions, run_niah, run_passkey, run_ppl  # noqa: E402
 from l2kv_cpp.models import resolve_model  # noqa: E402
@@ -97,8 +96,7 @@ def main() -> int:
         if task == "passkey":
             run_passkey(args.model, grid["passkey"], compressions(grid["passkey_keeps"]), store)
         elif task == "niah":
-            policies = grid.get("niah_policies", POLICIES)
-            run_niah(args.model, grid["niah"], compressions(grid["niah_keeps"], policies), store)
+            run_niah(args.model, grid["niah"], compressions(grid["niah_keeps"]), store)
         elif task == "ppl":
             run_ppl(args.model, grid["ppl_tokens"], compressions(grid["ppl_keeps"]), store)
         else:
