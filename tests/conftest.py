@@ -77,8 +77,6 @@ def make_llm(
 
     L2KV_TEST_N_GPU_LAYERS (default 0) offloads layers in every test that does not choose: on a GPU
     machine, `L2KV_TEST_N_GPU_LAYERS=-1 python -m pytest` runs the suite with the model on the GPU."""
-    from l2kv_cpp import _lib
-
     llama_cpp = _lib.llama_cpp()
     kwargs.setdefault("n_gpu_layers", int(os.environ.get("L2KV_TEST_N_GPU_LAYERS", "0")))
     extra = {}
