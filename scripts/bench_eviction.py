@@ -124,10 +124,7 @@ def bench_model(name: str, model: Path, budget: int, n_batch: int, gen: int, rep
         cache.enable(llm.ctx, L2KVConfig(kv_budget=budget))
         decode(llm, tokens(depth, 2, vocab), 0)
         before = cache.stats(llm.ctx)
-        t0 = time.perf_counter()
-        for i in range(gen if depth == budget else max(gen, 2 * n_batch)):
-            decode(llm, [100 + i % 50], depth + i)
-        dt = time.perf_counter() - t0
+        _, _, dt = decode_one_by_one(llm, depth, gen if depth == budget else max(gen, 2 * n_batch))
         after = cache.stats(llm.ctx)
         n_gen = after.pos_max + 1 - depth
         speeds[depth] = n_gen / dt
