@@ -60,6 +60,12 @@ class GGUFFile:
     def architecture(self) -> str:
         return str(self.metadata.get("general.architecture", "?"))
 
+    @property
+    def n_vocab(self) -> int:
+        """The number of tokens in the vocabulary (0 without a tokenizer)."""
+        tokens = self.metadata.get("tokenizer.ggml.tokens", 0)
+        return tokens if isinstance(tokens, int) else len(tokens)
+
     def arch_value(self, key: str, default: Any = None) -> Any:
         """A `<arch>.<key>` metadata value, e.g. arch_value("block_count")."""
         return self.metadata.get(f"{self.architecture}.{key}", default)

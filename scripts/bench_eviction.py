@@ -39,6 +39,7 @@ from tabulate import tabulate  # noqa: E402
 from l2kv_cpp import cache  # noqa: E402
 from l2kv_cpp.config import L2KVConfig, Policy  # noqa: E402
 from l2kv_cpp.decode import decode  # noqa: E402
+from l2kv_cpp.gguf_file import read_gguf  # noqa: E402
 from l2kv_cpp.models import resolve_model  # noqa: E402
 from l2kv_cpp.tiny_model import TinyModelConfig, write_tiny_model  # noqa: E402
 
@@ -89,7 +90,7 @@ def timed_prompt_and_gen(llm, prompt: list[int], gen: int) -> tuple[float, float
 
 
 def bench_model(name: str, model: Path, budget: int, n_batch: int, gen: int, repeats: int, threads: int | None):
-    vocab = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False).n_vocab()
+    vocab = read_gguf(model).n_vocab
     rows = []
     # 1. norm overhead, no eviction: the same context size, eviction off vs on (budget never reached)
     prompt = tokens(2 * n_batch, 1, vocab)
@@ -173,7 +174,7 @@ def bench_policies(
     events: int = 6,
     in_prefill: bool = False,
 ):
-    vocab = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False).n_vocab()
+    vocab = read_gguf(model).n_vocab
     rows = []
     for policy in Policy:
         llm = make(model, budget + n_batch, n_batch, threads)

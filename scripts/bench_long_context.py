@@ -35,6 +35,7 @@ from tabulate import tabulate  # noqa: E402
 from l2kv_cpp import cache  # noqa: E402
 from l2kv_cpp.config import L2KVConfig, Policy  # noqa: E402
 from l2kv_cpp.decode import decode  # noqa: E402
+from l2kv_cpp.gguf_file import read_gguf  # noqa: E402
 from l2kv_cpp.models import resolve_model  # noqa: E402
 from l2kv_cpp.session import ggml_type_id  # noqa: E402
 from l2kv_cpp.tiny_model import SYNTHETIC_SHAPES, write_tiny_model  # noqa: E402
@@ -119,7 +120,7 @@ def main() -> int:
     args = ap.parse_args()
 
     model = synthetic_model(args.synthetic) if args.synthetic else resolve_model(args.model)
-    vocab = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False).n_vocab()
+    vocab = read_gguf(model).n_vocab
     depths = [int(d) for d in args.depths.split(",")]
 
     t0 = time.time()

@@ -51,6 +51,13 @@ def test_scanner_matches_gguf_reader_on_smollm2(smollm2_path):
     _assert_same(smollm2_path)
 
 
+@pytest.mark.parametrize("name", ["tiny_model", "smollm2_path"])
+def test_n_vocab_matches_the_token_list(name, request):
+    path = request.getfixturevalue(name)
+    tokens = gguf.GGUFReader(str(path)).fields["tokenizer.ggml.tokens"].contents()
+    assert read_gguf(path).n_vocab == len(tokens)
+
+
 def test_tensor_sizes_end_at_file_end(tiny_model):
     info = check_gguf(tiny_model)
     end = info.data_offset + max(t.offset + t.n_bytes for t in info.tensors)
