@@ -57,6 +57,7 @@ def default_config() -> L2KVConfig:
     skip = None if p.n_skip_layers == -1 else ()
     return L2KVConfig(
         kv_budget=p.kv_budget,
+        n_slack=p.n_slack,
         n_sink=p.n_sink,
         n_recent=p.n_recent,
         policy=p.policy,

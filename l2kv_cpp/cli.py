@@ -182,6 +182,14 @@ def _eviction_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="KV entries kept per layer and head after an eviction",
         ),
         click.option(
+            "--kv-slack",
+            default=d.n_slack,
+            show_default=True,
+            type=click.IntRange(min=0),
+            help="entries held past the budget before an eviction (0 = batch-size): larger evicts less often "
+            "and takes more memory",
+        ),
+        click.option(
             "--policy",
             default=d.policy.cli_name,
             show_default=True,
@@ -216,7 +224,7 @@ def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             default=d.n_ctx,
             show_default=True,
             type=click.IntRange(min=0),
-            help="KV cells; 0 = kv-budget + batch-size",
+            help="KV cells; 0 = kv-budget + kv-slack (or batch-size)",
         ),
         click.option(
             "-b",

@@ -56,6 +56,7 @@ class Policy(IntEnum):
 @dataclass(frozen=True)
 class L2KVConfig:
     kv_budget: int = 4096  # entries kept per layer and KV head after an eviction
+    n_slack: int = 0  # entries held past kv_budget before an eviction; 0: n_batch, else >= n_batch
     n_sink: int = 4  # first tokens never evicted
     n_recent: int = 32  # newest tokens never evicted
     policy: Policy = Policy.KEY_DIFF  # chosen by the evaluation (docs/results.md); KEEP_LOW_NORM is the paper's
@@ -67,6 +68,8 @@ class L2KVConfig:
         object.__setattr__(self, "policy", Policy.parse(self.policy))
         if self.kv_budget < 1:
             raise InvalidParamsError(f"kv_budget must be >= 1 (got {self.kv_budget})")
+        if self.n_slack < 0:
+            raise InvalidParamsError(f"n_slack must be >= 0 (got {self.n_slack})")
         if self.n_sink < 0 or self.n_recent < 0:
             raise InvalidParamsError(f"n_sink and n_recent must be >= 0 (got {self.n_sink}, {self.n_recent})")
         if self.n_sink + self.n_recent >= self.kv_budget:
@@ -81,6 +84,10 @@ class L2KVConfig:
                 raise InvalidParamsError(f"skip_layers must be >= 0 (got {layers})")
             object.__setattr__(self, "skip_layers", layers)
 
+    def max_cells(self, n_batch: int) -> int:
+        """The cells the cache grows to before it evicts (the context needs at least these)."""
+        return self.kv_budget + (self.n_slack or n_batch)
+
     @property
     def effective_skip_layers(self) -> tuple[int, ...]:
         return self.policy.default_skip_layers if self.skip_layers is None else self.skip_layers
@@ -89,6 +96,7 @@ class L2KVConfig:
         """A `struct llama_l2kv_params *` and the array it points to (keep both alive during the call)."""
         params = ffi.new("struct llama_l2kv_params *")
         params.kv_budget = self.kv_budget
+        params.n_slack = self.n_slack
         params.n_sink = self.n_sink
         params.n_recent = self.n_recent
         params.policy = int(self.policy)

@@ -50,6 +50,7 @@ def settings_from_options(opts: dict[str, Any]) -> dict[str, Any]:
         ) from None
     l2kv = L2KVConfig(
         kv_budget=opts["kv_budget"],
+        n_slack=opts["kv_slack"],
         n_sink=opts["n_sink"],
         n_recent=opts["n_recent"],
         policy=opts["policy"],
@@ -117,7 +118,8 @@ def stats_text(model: L2KVModel, last: GenerationResponse | None, prompt_tps: fl
     st = model.stats()
     mem = model.memory_report()
     lines = [
-        f"cells in use   {st.n_cells_used} (budget {st.kv_budget} + batch {model.settings.n_batch}; "
+        f"cells in use   {st.n_cells_used} (budget {st.kv_budget} + slack "
+        f"{model.l2kv.max_cells(model.settings.n_batch) - st.kv_budget if model.l2kv else 0}; "
         f"buffer {st.kv_size} cells)",
         f"KV memory      {mem['kv_mib']:.1f} MiB now vs {mem['full_cache_mib']:.1f} MiB for a full cache of "
         f"{int(mem['tokens_seen'])} tokens",
@@ -137,7 +139,7 @@ def summary_line(model: L2KVModel, last: GenerationResponse | None) -> str:
     mem = model.memory_report()
     n = last.n_generated_tokens if last else 0
     tps = last.tokens_per_second if last else 0.0
-    # the buffer is sized for budget + batch up front: until the chat outgrows it, say so rather than
+    # the buffer is sized for budget + slack up front: until the chat outgrows it, say so rather than
     # print a "vs" that reads like eviction costing memory
     if mem["full_cache_mib"] >= mem["kv_mib"]:
         memory = f"{mem['kv_mib']:.1f} MiB vs {mem['full_cache_mib']:.1f} MiB full"

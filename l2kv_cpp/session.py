@@ -2,9 +2,9 @@
 
 llama-cpp-python's `Llama` loads the model, tokenizes and renders chat templates; generation past
 its `n_ctx` token slots runs through `decode()` here. The context is sized as `kv_budget +
-n_batch` cells (plus what a sliding-window cache needs), flash attention is on by default, and
-eviction is enabled right after the context is created. `close()` (or the context manager)
-frees everything.
+n_slack` cells (n_slack is n_batch by default; plus what a sliding-window cache needs), flash
+attention is on by default, and eviction is enabled right after the context is created. `close()`
+(or the context manager) frees everything.
 """
 
 from __future__ import annotations
@@ -87,10 +87,11 @@ class L2KVModel:
         self.path, self.settings, self.l2kv = path, settings, l2kv
         lc = _lib.llama_cpp()
         n_ctx = settings.n_ctx or self._auto_n_ctx()
-        if l2kv is not None and n_ctx < l2kv.kv_budget + settings.n_batch:
+        if l2kv is not None and n_ctx < l2kv.max_cells(settings.n_batch):
+            slack = f"n_slack {l2kv.n_slack}" if l2kv.n_slack else f"n_batch {settings.n_batch}"
             raise InvalidParamsError(
-                f"-c/--ctx-size {n_ctx} is too small for kv_budget {l2kv.kv_budget} + n_batch {settings.n_batch}; "
-                f"use -c {l2kv.kv_budget + settings.n_batch} or 0 (auto)"
+                f"-c/--ctx-size {n_ctx} is too small for kv_budget {l2kv.kv_budget} + {slack}; "
+                f"use -c {l2kv.max_cells(settings.n_batch)} or 0 (auto)"
             )
         try:
             self.llm = lc.Llama(
@@ -121,7 +122,7 @@ class L2KVModel:
         s, info = self.settings, self.info
         if self.l2kv is None:
             return int(info.arch_value("context_length", 4096))
-        n = self.l2kv.kv_budget + s.n_batch
+        n = self.l2kv.max_cells(s.n_batch)
         n_swa = int(info.arch_value("attention.sliding_window", 0) or 0)
         return max(n, n_swa + s.n_ubatch) if n_swa else n
 

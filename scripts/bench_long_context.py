@@ -8,7 +8,7 @@
 
 For every depth D, two contexts on the same library:
   stock:    eviction off, n_ctx = D + gen tokens (the full cache);
-  eviction: eviction on at --budget, n_ctx = budget + n_batch (the bounded cache).
+  eviction: eviction on at --budget, n_ctx = budget + slack (the bounded cache; --slack 0 = n_batch).
 Each one prefills D prompt tokens in n_batch chunks (timed: prefill t/s, evictions included), then
 decodes --gen-tokens tokens one at a time (timed: decode t/s, evictions included; several events
 fall in the window when gen tokens > n_batch). Eviction rows also report the events, the library's
@@ -67,7 +67,8 @@ class Run:
 
 
 def run_one(args, model: Path, vocab: int, depth: int, evict: bool) -> Run:
-    n_ctx = args.budget + args.batch if evict else depth + args.gen_tokens + 16
+    config = L2KVConfig(kv_budget=args.budget, n_slack=args.slack, policy=args.policy)
+    n_ctx = config.max_cells(args.batch) if evict else depth + args.gen_tokens + 16
     llm = llama_cpp.Llama(
         model_path=str(model),
         n_ctx=n_ctx,
@@ -83,7 +84,7 @@ def run_one(args, model: Path, vocab: int, depth: int, evict: bool) -> Run:
     )
     try:
         if evict:
-            cache.enable(llm.ctx, L2KVConfig(kv_budget=args.budget, policy=args.policy))
+            cache.enable(llm.ctx, config)
         prompt = tokens(depth, 1, vocab)
         t0 = time.perf_counter()
         decode(llm, prompt, 0, logits="last")
@@ -112,6 +113,7 @@ def main() -> int:
     ap.add_argument("--depths", default="1024,4096,8192", help="prompt lengths, comma-separated")
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=256, help="n_batch = n_ubatch")
+    ap.add_argument("--slack", type=int, default=0, help="entries held past the budget before an eviction (0 = n_batch)")
     ap.add_argument("--gen-tokens", type=int, default=2048, help="decoded tokens per run (timed)")
     ap.add_argument("--policy", default=L2KVConfig().policy.cli_name, choices=[p.cli_name for p in Policy])
     ap.add_argument("--cache-type", default="f16")
@@ -172,7 +174,8 @@ def main() -> int:
         "KV MiB stock / evict",
     ]
     print(
-        f"model {model.name}, budget {args.budget}, n_batch {args.batch}, policy {args.policy}, "
+        f"model {model.name}, budget {args.budget}, n_batch {args.batch}, "
+        f"{f'slack {args.slack}, ' if args.slack else ''}policy {args.policy}, "
         f"cache {args.cache_type}, gpu layers {args.gpu_layers}, {args.gen_tokens} decoded tokens; "
         f"stock decode at depth {args.budget}: {ref:.1f} t/s"
     )

@@ -55,6 +55,9 @@ step suite_offloaded env L2KV_TEST_N_GPU_LAYERS=-1 "$PY" -m pytest -q -rs
 # the norm read after RoPE (breaks CUDA's ROPE+VIEW+SET_ROWS fusion) vs before it (the default)
 step bench_1b_norm_after_rope env LLAMA_L2KV_NORM_AFTER_ROPE=1 "$PY" scripts/bench_long_context.py \
     --synthetic llama-3.2-1b --gpu-layers -1 --budget 4096 --batch 512 --depths 4096,16384
+# a larger slack (one eviction per 4 batches): fewer events against attention over up to 6144 cells
+step bench_1b_slack "$PY" scripts/bench_long_context.py --synthetic llama-3.2-1b --gpu-layers -1 \
+    --budget 4096 --batch 512 --slack 2048 --depths 16384,65536
 step bench_8b "$PY" scripts/bench_long_context.py --synthetic llama-3-8b --gpu-layers -1 \
     --budget 4096 --batch 512 --depths "$DEPTHS_8B"
 

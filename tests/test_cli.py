@@ -90,6 +90,8 @@ def test_options_read_environment_variables(tiny_model):
         (["-fa", "off"], "eviction needs flash attention"),
         (["-fa", "off", "-ctv", "q8_0"], "-ctv q8_0 (a quantized V cache) needs flash attention"),
         (["-c", "64"], "-c/--ctx-size 64 is too small for kv_budget 64 + n_batch 32"),
+        (["--kv-slack", "16"], "n_slack (16) must be 0 (n_batch) or >= n_batch (32): a batch is stored whole"),
+        (["--kv-slack", "128", "-c", "160"], "-c/--ctx-size 160 is too small for kv_budget 64 + n_slack 128"),
         (["-f", "/nonexistent/doc.txt"], "-f/--file: /nonexistent/doc.txt does not exist"),
     ],
 )

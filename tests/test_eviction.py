@@ -42,6 +42,31 @@ def test_cells_stay_within_budget_plus_batch_and_buffer_is_constant(tiny_model, 
         llm.close()
 
 
+@pytest.mark.parametrize("n_slack", [0, 64, 160])
+def test_the_cache_grows_by_the_slack_between_evictions(tiny_model, n_slack):
+    """The trigger rule: a batch that would take the cache past kv_budget + slack (n_batch when 0)
+    evicts first; counted against a simulation of that rule, with odd-sized batches."""
+    budget, n_batch = 64, 32
+    limit = budget + (n_slack or n_batch)
+    llm = make_llm(tiny_model, n_ctx=256, n_batch=n_batch)
+    try:
+        cache.enable(llm.ctx, L2KVConfig(kv_budget=budget, n_slack=n_slack))
+        used = evictions = highest = pos = 0
+        for i in range(40):
+            n = 1 + (7 * i) % n_batch
+            if used + n > limit:
+                used, evictions = budget, evictions + 1
+            used += n
+            decode(llm, random_tokens(n, seed=i), pos)
+            pos += n
+            st = cache.stats(llm.ctx)
+            assert (st.n_cells_used, st.n_evictions) == (used, evictions)
+            highest = max(highest, st.n_cells_used)
+        assert evictions >= 2 and limit - n_batch < highest <= limit
+    finally:
+        llm.close()
+
+
 def _stock_rows(model, tokens, n_batch, **types):
     llm = make_llm(model, n_ctx=2048, n_batch=n_batch, **types)
     try:
@@ -172,6 +197,10 @@ def test_refused_configurations_return_their_status(tiny_model):
     try:
         with pytest.raises(InvalidParamsError, match="invalid argument"):  # 200 + 64 > 256 cells
             cache.enable(llm.ctx, L2KVConfig(kv_budget=200))
+        with pytest.raises(InvalidParamsError, match=r"n_slack \(16\) must be 0 \(n_batch\) or >= n_batch \(64\)"):
+            cache.enable(llm.ctx, L2KVConfig(kv_budget=64, n_slack=16))
+        with pytest.raises(InvalidParamsError, match=r"kv_budget \(64\) \+ n_slack \(200\) exceeds .* n_ctx >= 264"):
+            cache.enable(llm.ctx, L2KVConfig(kv_budget=64, n_slack=200))
         with pytest.raises(InvalidParamsError, match="invalid argument"):  # layer 9 of 4
             cache.enable(llm.ctx, L2KVConfig(kv_budget=64, skip_layers=(9,)))
         decode(llm, random_tokens(10), 0)
@@ -181,6 +210,8 @@ def test_refused_configurations_return_their_status(tiny_model):
         llm.close()
     with pytest.raises(InvalidParamsError, match="n_sink \\+ n_recent must be < kv_budget"):
         L2KVConfig(kv_budget=8, n_sink=4, n_recent=4)
+    with pytest.raises(InvalidParamsError, match="n_slack must be >= 0"):
+        L2KVConfig(n_slack=-1)
 
 
 def test_several_sequences_are_refused(tiny_model):

@@ -64,7 +64,7 @@ def test_chat_session_on_a_document_four_times_the_budget(smollm2_path, tmp_path
         child.expect_exact("> ")
 
         child.sendline("/stats")
-        child.expect(r"cells in use\s+(\d+) \(budget 256 \+ batch 128")
+        child.expect(r"cells in use\s+(\d+) \(budget 256 \+ slack 128")
         assert int(child.match.group(1)) <= 256 + 128
         child.expect(r"KV memory\s+([\d.]+) MiB now vs ([\d.]+) MiB for a full cache of (\d+) tokens")
         now, full, seen = float(child.match.group(1)), float(child.match.group(2)), int(child.match.group(3))

@@ -74,6 +74,8 @@ CONFIGS = [
     L2KVConfig(kv_budget=96, n_sink=0, n_recent=0, policy=Policy.KEY_DIFF, per_head=False),
     L2KVConfig(kv_budget=96, n_sink=2, n_recent=8, policy=Policy.HYBRID, skip_layers=()),
     L2KVConfig(kv_budget=96, n_sink=4, n_recent=4, policy=Policy.HYBRID, per_head=False, skip_layers=(1,)),
+    # a slack of two batches: the 200 tokens fit before the first eviction, so it ranks 200 fresh entries
+    L2KVConfig(kv_budget=96, n_slack=128, n_sink=2, n_recent=8, policy=Policy.KEY_DIFF, skip_layers=()),
 ]
 
 NEEDS_COSINES = (Policy.KEY_DIFF, Policy.HYBRID)
@@ -86,7 +88,11 @@ THREADINGS = {
 }
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.policy.name}-{'head' if c.per_head else 'layer'}")
+@pytest.mark.parametrize(
+    "config",
+    CONFIGS,
+    ids=lambda c: f"{c.policy.name}-{'head' if c.per_head else 'layer'}" + (f"-slack{c.n_slack}" if c.n_slack else ""),
+)
 def test_native_eviction_keeps_what_the_reference_keeps(tiny_model, config, monkeypatch, threading="default"):
     """Twice: once on fresh cells (true positions), once after a compaction (positions from the host table)."""
     settings = dict(THREADINGS[threading])
@@ -100,6 +106,8 @@ def test_native_eviction_keeps_what_the_reference_keeps(tiny_model, config, monk
         for n_new in (200, 64):
             decode(llm, random_tokens(n_new, seed=pos0), pos0)
             pos0 += n_new
+            if config.n_slack and n_new == 200:
+                assert cache.stats(llm.ctx).n_evictions == 0  # 200 <= 96 + 128: no eviction yet
             before = {il: cache.read_layer(llm.ctx, il) for il in range(n_layer)}
             cosines = {il: cache.read_key_cosines(llm.ctx, il) for il in range(n_layer)}
             cache.evict_now(llm.ctx)

@@ -23,7 +23,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define LLAMA_L2KV_ABI_VERSION 6
+#define LLAMA_L2KV_ABI_VERSION 7
 
 #ifdef __cplusplus
 extern "C" {
@@ -57,8 +57,11 @@ extern "C" {
 
     struct llama_l2kv_params {
         uint32_t kv_budget;          // entries kept per layer and KV head after an eviction (>= 1)
-                                     // the context needs n_ctx >= kv_budget + n_batch cells: the cache grows to
-                                     // that size, then evicts down to kv_budget (one eviction per n_ctx - kv_budget tokens)
+        uint32_t n_slack;            // entries the cache may hold past kv_budget: it grows to kv_budget + n_slack, then
+                                     // evicts down to kv_budget (one eviction per n_slack tokens); 0: n_batch (the
+                                     // default); otherwise >= n_batch, since a batch is stored whole. The context needs
+                                     // n_ctx >= kv_budget + n_slack cells; a larger slack evicts less often, and
+                                     // attention then spans up to kv_budget + n_slack entries
         uint32_t n_sink;             // tokens at the first positions (0 .. n_sink-1) that are never evicted
         uint32_t n_recent;           // newest tokens that are never evicted (n_sink + n_recent < kv_budget)
         int32_t  policy;             // enum llama_l2kv_policy

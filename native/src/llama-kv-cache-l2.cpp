@@ -547,7 +547,7 @@ bool llama_kv_cache_l2::fits(const std::vector<llama_ubatch> & ubatches) const {
     for (const auto & ub : ubatches) {
         n_tokens += ub.n_tokens;
     }
-    return cells().get_used() + n_tokens <= (uint64_t) params.kv_budget + n_batch;
+    return cells().get_used() + n_tokens <= (uint64_t) params.kv_budget + n_slack;
 }
 
 llama_memory_context_ptr llama_kv_cache_l2::init_update(llama_context * lctx, bool optimize) {

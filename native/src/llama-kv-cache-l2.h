@@ -120,7 +120,7 @@ struct llama_kv_cache_l2 {
     llama_kv_cache & kv;
 
     llama_l2kv_params    params;
-    uint32_t             n_batch = 0; // the context's n_batch: the cache evicts once kv_budget + n_batch cells are used
+    uint32_t             n_slack = 0; // the cache evicts once kv_budget + n_slack cells are used (n_batch by default)
     std::vector<int32_t> skip_layers; // model layer ids (params.skip_layers points here)
     std::vector<bool>    skip;        // [ikv] the layer keeps sinks + recent entries
 
@@ -196,7 +196,7 @@ struct llama_kv_cache_l2 {
     // the layer is not under eviction)
     ggml_tensor * cpy_k_norm(ggml_context * ctx, ggml_tensor * k_cur, ggml_tensor * k_idxs, int32_t il) const;
 
-    // prepare hook: false when the ubatches would take the cache past kv_budget + n_batch entries
+    // prepare hook: false when the ubatches would take the cache past kv_budget + n_slack entries
     bool fits(const std::vector<llama_ubatch> & ubatches) const;
 
     // memory-update hook: an update context when an eviction (or a graph reset) is due, else nullptr

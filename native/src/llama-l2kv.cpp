@@ -79,6 +79,7 @@ static llama_kv_cache * llama_l2kv_find_cache(const llama_context * ctx, const c
 struct llama_l2kv_params llama_l2kv_default_params(void) {
     struct llama_l2kv_params p = {
         /*.kv_budget     =*/ 4096,
+        /*.n_slack       =*/ 0,
         /*.n_sink        =*/ 4,
         /*.n_recent      =*/ 32,
         /*.policy        =*/ LLAMA_L2KV_POLICY_KEY_DIFF,
@@ -121,9 +122,17 @@ int32_t llama_l2kv_enable(struct llama_context * ctx, const struct llama_l2kv_pa
         llama_l2kv_error("%s: n_sink (%u) + n_recent (%u) must be < kv_budget (%u)\n", __func__, params->n_sink, params->n_recent, params->kv_budget);
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
     }
-    if ((uint64_t) params->kv_budget + n_batch > kv_size) {
-        llama_l2kv_error("%s: kv_budget (%u) + n_batch (%u) exceeds the KV cache size (%u cells); "
-                "create the context with n_ctx >= %u\n", __func__, params->kv_budget, n_batch, kv_size, params->kv_budget + n_batch);
+    if (params->n_slack != 0 && params->n_slack < n_batch) {
+        llama_l2kv_error("%s: n_slack (%u) must be 0 (n_batch) or >= n_batch (%u): a batch is stored whole\n",
+                __func__, params->n_slack, n_batch);
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    const uint32_t n_slack = params->n_slack != 0 ? params->n_slack : n_batch;
+    if ((uint64_t) params->kv_budget + n_slack > kv_size) {
+        llama_l2kv_error("%s: kv_budget (%u) + %s (%u) exceeds the KV cache size (%u cells); "
+                "create the context with n_ctx >= %llu\n", __func__, params->kv_budget,
+                params->n_slack != 0 ? "n_slack" : "n_batch", n_slack, kv_size,
+                (unsigned long long) params->kv_budget + n_slack);
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
     }
     if (params->policy < LLAMA_L2KV_POLICY_KEEP_LOW_NORM || params->policy > LLAMA_L2KV_POLICY_HYBRID) {
@@ -165,7 +174,7 @@ int32_t llama_l2kv_enable(struct llama_context * ctx, const struct llama_l2kv_pa
     }
 
     auto l2 = std::make_shared<llama_kv_cache_l2>(*kv, *params, std::move(skip));
-    l2->n_batch = n_batch;
+    l2->n_slack = n_slack;
     const int32_t status = l2->init();
     if (status != LLAMA_L2KV_STATUS_OK) {
         return status;
