@@ -343,10 +343,17 @@ def run(
 @main.command()
 @click.argument("model", required=False)
 @click.option("--kv-budget", default=L2KV_DEFAULTS.kv_budget, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--kv-slack",
+    default=L2KV_DEFAULTS.n_slack,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="entries held past the budget (0 = batch-size)",
+)
 @click.option("-b", "--batch-size", default=MODEL_DEFAULTS.n_batch, show_default=True, type=click.IntRange(min=1))
 @click.option("-ub", "--ubatch-size", default=MODEL_DEFAULTS.n_ubatch, show_default=True, type=click.IntRange(min=1))
 @_errors_as_one_line
-def info(model: str | None, kv_budget: int, batch_size: int, ubatch_size: int) -> None:
+def info(model: str | None, kv_budget: int, kv_slack: int, batch_size: int, ubatch_size: int) -> None:
     """Attention layout of MODEL and its KV memory with eviction vs. a full context."""
     from tabulate import tabulate
 
@@ -366,11 +373,12 @@ def info(model: str | None, kv_budget: int, batch_size: int, ubatch_size: int) -
     click.echo(f"sliding window {mi.n_swa or 'none'}")
     click.echo(f"chat template  {'yes' if mi.has_chat_template else 'no'}")
     click.echo("")
+    slack = f"slack {kv_slack}" if kv_slack else f"batch {batch_size}"
     click.echo(
-        f"KV memory, eviction at kv_budget {kv_budget} + batch {batch_size} cells vs. the full "
+        f"KV memory, eviction at kv_budget {kv_budget} + {slack} cells vs. the full "
         f"{mi.n_ctx_train}-token context (sliding-window layers hold n_swa + ubatch cells in both):"
     )
-    rows = memory_rows(mi, kv_budget, batch_size, ubatch_size)
+    rows = memory_rows(mi, kv_budget + (kv_slack or batch_size), ubatch_size)
     click.echo(
         tabulate(
             rows,

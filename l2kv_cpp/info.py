@@ -103,13 +103,13 @@ def read_model_info(path: str | Path) -> ModelInfo:
         lc.llama_model_free(model)
 
 
-def memory_rows(info: ModelInfo, kv_budget: int, n_batch: int, n_ubatch: int) -> list[list[str]]:
-    """Per cache type: KV bytes per token, and KV MiB with eviction at kv_budget vs. a full training context."""
+def memory_rows(info: ModelInfo, budget_cells: int, n_ubatch: int) -> list[list[str]]:
+    """Per cache type: KV bytes per token, and KV MiB with eviction (budget_cells = kv_budget + slack cells)
+    vs. a full training context."""
     n_swa_cells = min(info.n_swa + n_ubatch, info.n_ctx_train) if info.swa_layers else 0
     rows = []
     for t in INFO_CACHE_TYPES:
         per_tok = info.kv_bytes_per_token(t)  # full-attention layers: the part that grows with length
-        budget_cells = kv_budget + n_batch
         at_budget = info.kv_bytes(t, budget_cells, n_swa_cells or 0)
         full = info.kv_bytes(t, info.n_ctx_train, min(n_swa_cells, info.n_ctx_train) if info.swa_layers else 0)
         rows.append(

@@ -129,6 +129,11 @@ def test_info_on_tiny_model(tiny_model):
     assert "4 full attention (budgeted), 0 sliding window" in res.stdout
     # 4 layers x 2 KV heads x (32 + 32) x 2 bytes = 1024 bytes per token in f16
     assert "| f16          | 1.0 KiB" in res.stdout
+    # the buffer with eviction holds kv_budget + slack cells: (1024 + 512) KiB, (1024 + 2048) KiB
+    assert "| 1.5 MiB " in res.stdout and "+ batch 512 cells" in res.stdout
+    res = invoke("info", str(tiny_model), "--kv-budget", "1024", "--kv-slack", "2048")
+    assert res.exit_code == 0, res.output
+    assert "| 3.0 MiB " in res.stdout and "+ slack 2048 cells" in res.stdout
 
 
 @pytest.mark.slow
