@@ -58,6 +58,9 @@ step bench_1b_norm_after_rope env LLAMA_L2KV_NORM_AFTER_ROPE=1 "$PY" scripts/ben
 # a larger slack (one eviction per 4 batches): fewer events against attention over up to 6144 cells
 step bench_1b_slack "$PY" scripts/bench_long_context.py --synthetic llama-3.2-1b --gpu-layers -1 \
     --budget 4096 --batch 512 --slack 2048 --depths 16384,65536
+# the paper's rule: no key cosines, so the event is the norm read-back, the ranking and the moves
+step bench_1b_l2 "$PY" scripts/bench_long_context.py --synthetic llama-3.2-1b --gpu-layers -1 \
+    --budget 4096 --batch 512 --policy keep-low-norm --depths 16384,65536
 step bench_8b "$PY" scripts/bench_long_context.py --synthetic llama-3-8b --gpu-layers -1 \
     --budget 4096 --batch 512 --depths "$DEPTHS_8B"
 
