@@ -117,10 +117,9 @@ def read_document(file: str) -> str:
 def stats_text(model: L2KVModel, last: GenerationResponse | None, prompt_tps: float) -> str:
     st = model.stats()
     mem = model.memory_report()
+    slack = model.l2kv.max_cells(model.settings.n_batch) - st.kv_budget if model.l2kv else 0
     lines = [
-        f"cells in use   {st.n_cells_used} (budget {st.kv_budget} + slack "
-        f"{model.l2kv.max_cells(model.settings.n_batch) - st.kv_budget if model.l2kv else 0}; "
-        f"buffer {st.kv_size} cells)",
+        f"cells in use   {st.n_cells_used} (budget {st.kv_budget} + slack {slack}; buffer {st.kv_size} cells)",
         f"KV memory      {mem['kv_mib']:.1f} MiB now vs {mem['full_cache_mib']:.1f} MiB for a full cache of "
         f"{int(mem['tokens_seen'])} tokens",
         f"evictions      {st.n_evictions} ({st.n_dropped} entries dropped per layer and head, "

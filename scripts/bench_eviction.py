@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CPU benchmark of L2 eviction: norm overhead, eviction cost, decode speed at depth. Prints a table.
+"""Benchmark of L2 eviction: norm overhead, eviction cost, decode speed at depth. Prints a table.
 
     python scripts/bench_eviction.py                       # SmolLM2 (default model) and a tiny model
     python scripts/bench_eviction.py --model gemma3-270m --budget 512 --repeats 3
@@ -17,8 +17,10 @@ All ratios are measured in one run, on the same context settings:
      events come from decoding n_batch-token chunks past the budget instead (one event per chunk;
      fast enough for the 1B shape on a CPU), and the last column is the share of a chunk's time.
 
-    python scripts/bench_eviction.py --model ~/.cache/l2kv-cpp/models/synthetic-llama-3.2-1b-q4_0.gguf \\
-        --budget 4096 --batch 512 --policies-only --events-in-prefill --no-tiny
+    python scripts/bench_eviction.py --synthetic llama-3.2-1b --budget 4096 --batch 512 \\
+        --policies-only --events-in-prefill --no-tiny
+    python scripts/bench_eviction.py --synthetic llama-3.2-1b --gpu-layers -1 --budget 4096 --batch 512 \\
+        --no-tiny                                         # on a GPU build: every layer offloaded
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -41,18 +44,40 @@ from l2kv_cpp.config import L2KVConfig, Policy  # noqa: E402
 from l2kv_cpp.decode import decode  # noqa: E402
 from l2kv_cpp.gguf_file import read_gguf  # noqa: E402
 from l2kv_cpp.models import resolve_model  # noqa: E402
-from l2kv_cpp.tiny_model import TinyModelConfig, write_tiny_model  # noqa: E402
+from l2kv_cpp.tiny_model import SYNTHETIC_SHAPES, TinyModelConfig, write_tiny_model  # noqa: E402
+from l2kv_cpp.upstream import cache_dir  # noqa: E402
 
 
-def make(model: Path, n_ctx: int, n_batch: int, threads: int | None):
+def synthetic_model(name: str) -> Path:
+    """The random-weight Q4_0 model of a benchmark shape (SYNTHETIC_SHAPES), written once into the model cache."""
+    path = cache_dir() / "models" / f"synthetic-{name}-q4_0.gguf"
+    if not path.is_file():
+        print(f"writing {path} (random Q4_0 weights in the shape of {name}) ...", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part")
+        write_tiny_model(tmp, SYNTHETIC_SHAPES[name])
+        tmp.rename(path)
+    return path
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where the contexts run: CPU threads (None = llama.cpp's default) and layers offloaded to a GPU."""
+
+    threads: int | None = None
+    gpu_layers: int = 0
+
+
+def make(model: Path, n_ctx: int, n_batch: int, backend: Backend):
     return llama_cpp.Llama(
         model_path=str(model),
         n_ctx=n_ctx,
         n_batch=n_batch,
         n_ubatch=n_batch,
         flash_attn=True,
-        n_threads=threads,
-        n_threads_batch=threads,
+        n_gpu_layers=backend.gpu_layers,
+        n_threads=backend.threads,
+        n_threads_batch=backend.threads,
         verbose=False,
     )
 
@@ -89,7 +114,7 @@ def timed_prompt_and_gen(llm, prompt: list[int], gen: int) -> tuple[float, float
     return len(prompt) / (t1 - t0), gen / (t2 - t1)
 
 
-def bench_model(name: str, model: Path, budget: int, n_batch: int, gen: int, repeats: int, threads: int | None):
+def bench_model(name: str, model: Path, budget: int, n_batch: int, gen: int, repeats: int, backend: Backend):
     vocab = read_gguf(model).n_vocab
     rows = []
     # 1. norm overhead, no eviction: the same context size, eviction off vs on (budget never reached)
@@ -98,7 +123,7 @@ def bench_model(name: str, model: Path, budget: int, n_batch: int, gen: int, rep
     res = {False: [], True: []}
     for _ in range(repeats):
         for on in (False, True):
-            llm = make(model, n_ctx, n_batch, threads)
+            llm = make(model, n_ctx, n_batch, backend)
             if on:
                 cache.enable(llm.ctx, L2KVConfig(kv_budget=n_ctx - n_batch))
             res[on].append(timed_prompt_and_gen(llm, prompt, gen))
@@ -121,7 +146,7 @@ def bench_model(name: str, model: Path, budget: int, n_batch: int, gen: int, rep
     # 2 + 3. eviction cost and depth ratio, eviction on
     speeds = {}
     for depth in (budget, 8 * budget):
-        llm = make(model, budget + n_batch, n_batch, threads)
+        llm = make(model, budget + n_batch, n_batch, backend)
         cache.enable(llm.ctx, L2KVConfig(kv_budget=budget))
         decode(llm, tokens(depth, 2, vocab), 0)
         before = cache.stats(llm.ctx)
@@ -170,14 +195,14 @@ def bench_policies(
     model: Path,
     budget: int,
     n_batch: int,
-    threads: int | None,
+    backend: Backend,
     events: int = 6,
     in_prefill: bool = False,
 ):
     vocab = read_gguf(model).n_vocab
     rows = []
     for policy in Policy:
-        llm = make(model, budget + n_batch, n_batch, threads)
+        llm = make(model, budget + n_batch, n_batch, backend)
         cache.enable(llm.ctx, L2KVConfig(kv_budget=budget, policy=policy))
         prompt = tokens(budget + events * n_batch, 2, vocab)
         decode(llm, prompt[:budget], 0)
@@ -218,11 +243,13 @@ def bench_policies(
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", help="model name or GGUF path (default: smollm2)")
+    ap.add_argument("--synthetic", choices=sorted(SYNTHETIC_SHAPES), help="a random Q4_0 model of this shape instead")
     ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--batch", type=int, default=256, help="n_batch = n_ubatch")
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--gpu-layers", type=int, default=0, help="-1 offloads every layer (GPU builds)")
     ap.add_argument("--no-tiny", action="store_true", help="skip the tiny random model")
     ap.add_argument("--policies-only", action="store_true", help="only part 4, the cost of each policy")
     ap.add_argument(
@@ -232,20 +259,22 @@ def main() -> int:
     )
     args = ap.parse_args()
 
-    model = resolve_model(args.model)
+    model = synthetic_model(args.synthetic) if args.synthetic else resolve_model(args.model)
+    name = args.synthetic or args.model
+    backend = Backend(args.threads, args.gpu_layers)
     rows = (
         []
         if args.policies_only
-        else bench_model(args.model, model, args.budget, args.batch, args.gen_tokens, args.repeats, args.threads)
+        else bench_model(name, model, args.budget, args.batch, args.gen_tokens, args.repeats, backend)
     )
-    rows += bench_policies(args.model, model, args.budget, args.batch, args.threads, in_prefill=args.events_in_prefill)
+    rows += bench_policies(name, model, args.budget, args.batch, backend, in_prefill=args.events_in_prefill)
     if not args.no_tiny:
         with tempfile.TemporaryDirectory() as tmp:
             tiny = write_tiny_model(Path(tmp) / "tiny.gguf", TinyModelConfig(n_layer=8, head_dim=64, n_ff=512))
             name = "tiny (8L, 4H/2KV, d64)"
             if not args.policies_only:
-                rows += bench_model(name, tiny, args.budget, args.batch, args.gen_tokens, args.repeats, args.threads)
-            rows += bench_policies(name, tiny, args.budget, args.batch, args.threads, in_prefill=args.events_in_prefill)
+                rows += bench_model(name, tiny, args.budget, args.batch, args.gen_tokens, args.repeats, backend)
+            rows += bench_policies(name, tiny, args.budget, args.batch, backend, in_prefill=args.events_in_prefill)
     print(tabulate(rows, headers=["model", "measure", "values", "result", "target"], tablefmt="github"))
     return 0
 

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import llama_cpp  # noqa: E402  (before numpy: see l2kv_cpp/_lib.py)
-from bench_eviction import decode_one_by_one, tokens  # noqa: E402  (scripts/ is on sys.path: this file's dir)
+from bench_eviction import decode_one_by_one, synthetic_model, tokens  # noqa: E402  (scripts/ is on sys.path: this file's dir)
 from tabulate import tabulate  # noqa: E402
 
 from l2kv_cpp import cache  # noqa: E402
@@ -38,19 +38,7 @@ from l2kv_cpp.decode import decode  # noqa: E402
 from l2kv_cpp.gguf_file import read_gguf  # noqa: E402
 from l2kv_cpp.models import resolve_model  # noqa: E402
 from l2kv_cpp.session import ggml_type_id  # noqa: E402
-from l2kv_cpp.tiny_model import SYNTHETIC_SHAPES, write_tiny_model  # noqa: E402
-from l2kv_cpp.upstream import cache_dir  # noqa: E402
-
-
-def synthetic_model(name: str) -> Path:
-    """The random-weight Q4_0 model of a benchmark shape, written once into the model cache."""
-    path = cache_dir() / "models" / f"synthetic-{name}-q4_0.gguf"
-    if not path.is_file():
-        print(f"writing {path} (random Q4_0 weights in the shape of {name}) ...", flush=True)
-        tmp = path.with_suffix(".part")
-        write_tiny_model(tmp, SYNTHETIC_SHAPES[name])
-        tmp.rename(path)
-    return path
+from l2kv_cpp.tiny_model import SYNTHETIC_SHAPES  # noqa: E402
 
 
 @dataclass
@@ -113,7 +101,7 @@ def main() -> int:
     ap.add_argument("--depths", default="1024,4096,8192", help="prompt lengths, comma-separated")
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=256, help="n_batch = n_ubatch")
-    ap.add_argument("--slack", type=int, default=0, help="entries held past the budget before an eviction (0 = n_batch)")
+    ap.add_argument("--slack", type=int, default=0, help="entries held past the budget before evicting (0 = n_batch)")
     ap.add_argument("--gen-tokens", type=int, default=2048, help="decoded tokens per run (timed)")
     ap.add_argument("--policy", default=L2KVConfig().policy.cli_name, choices=[p.cli_name for p in Policy])
     ap.add_argument("--cache-type", default="f16")

@@ -52,6 +52,10 @@ step test_gpu "$PY" -m pytest -rs -q tests/test_gpu.py
 step bench_1b "$PY" scripts/bench_long_context.py --synthetic llama-3.2-1b --gpu-layers -1 \
     --budget 4096 --batch 512 --depths "$DEPTHS_1B"
 step suite_offloaded env L2KV_TEST_N_GPU_LAYERS=-1 "$PY" -m pytest -q -rs
+# the norm nodes' own cost (prompt and generation with eviction off vs on, budget never reached) and each
+# policy's time per event split into features / ranking / moves
+step bench_eviction_1b "$PY" scripts/bench_eviction.py --synthetic llama-3.2-1b --gpu-layers -1 \
+    --budget 4096 --batch 512 --no-tiny
 # the norm read after RoPE (breaks CUDA's ROPE+VIEW+SET_ROWS fusion) vs before it (the default)
 step bench_1b_norm_after_rope env LLAMA_L2KV_NORM_AFTER_ROPE=1 "$PY" scripts/bench_long_context.py \
     --synthetic llama-3.2-1b --gpu-layers -1 --budget 4096 --batch 512 --depths 4096,16384

@@ -1,0 +1,42 @@
+"""The benchmark scripts run end to end (on the tiny model, CPU) and print their tables.
+
+The GPU validation (scripts/gpu_validation.sh) runs them on a borrowed GPU for a short time: a script
+that fails there costs the session, so their plumbing is checked here; the numbers are not.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _run(script: str, *args: str) -> str:
+    res = subprocess.run(
+        [sys.executable, str(SCRIPTS / script), *args], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+def test_bench_long_context_prints_stock_and_eviction_rows(tiny_model):
+    out = _run(
+        "bench_long_context.py", "--model", str(tiny_model), "--depths", "256,512", "--budget", "128",
+        "--batch", "32", "--slack", "64", "--gen-tokens", "96", "--policy", "keep-low-norm",
+    )  # fmt: skip
+    assert "budget 128, n_batch 32, slack 64, policy keep-low-norm" in out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("|    ")]
+    assert [int(r[1]) for r in rows] == [256, 512]
+    # 256 + 96 tokens at a budget of 128 and a slack of 64: evictions at 192, 256, 320 (and so on)
+    assert all(int(r[8]) >= 3 for r in rows)
+
+
+def test_bench_eviction_prints_every_part(tiny_model):
+    out = _run(
+        "bench_eviction.py", "--model", str(tiny_model), "--budget", "128", "--batch", "32",
+        "--gen-tokens", "64", "--repeats", "1", "--no-tiny",
+    )  # fmt: skip
+    for measure in ("norms off / on", "eviction time per event", "decode t/s at depth", "eviction per event, key-diff"):
+        assert measure in out, measure
