@@ -196,12 +196,15 @@ def _dequantized_keys(llm, il: int, n: int, cache_type: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("cache_type", ["f16", "bf16", "q8_0", "q4_0"])
-@pytest.mark.parametrize("on_backend", [False, True], ids=["host", "graph"])
-def test_key_cosines_match_numpy_on_the_cached_keys(tiny_model_hd64, monkeypatch, cache_type, on_backend):
-    """KeyDiff's feature, from the bytes in the cache: in place on the host (CPU) and as a ggml graph
-    (what GPU backends run; forced here by LLAMA_L2KV_FORCE_GRAPHS), before and after evictions."""
-    if on_backend:
+@pytest.mark.parametrize("path", ["host", "host-baseline-isa", "graph"])
+def test_key_cosines_match_numpy_on_the_cached_keys(tiny_model_hd64, monkeypatch, cache_type, path):
+    """KeyDiff's feature, from the bytes in the cache: in place on the host (CPU; AVX2 loops where the CPU
+    has them, and the baseline loops) and as a ggml graph (what GPU backends run; forced here by
+    LLAMA_L2KV_FORCE_GRAPHS), before and after evictions."""
+    if path == "graph":
         monkeypatch.setenv("LLAMA_L2KV_FORCE_GRAPHS", "1")
+    if path == "host-baseline-isa":
+        monkeypatch.setenv("LLAMA_L2KV_BASELINE_ISA", "1")
     types = {"type_k": ggml_type_id(cache_type), "type_v": ggml_type_id(cache_type)}
     llm = make_llm(tiny_model_hd64, n_ctx=256, n_batch=64, **types)
     try:

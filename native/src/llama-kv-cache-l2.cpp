@@ -723,6 +723,94 @@ static void llama_l2kv_fp16_to_fp32_row(const ggml_fp16_t * x, float * y, int64_
     ggml_fp16_to_fp32_row(x, y, n);
 }
 
+// one cached key row as F32
+static void llama_l2kv_load_key_row(const ggml_tensor * k, uint32_t cell, float * dst) {
+    const char * row = (const char *) k->data + (size_t) cell*k->nb[1];
+    if (k->type == GGML_TYPE_F32) {
+        memcpy(dst, row, k->ne[0]*sizeof(float));
+    } else if (k->type == GGML_TYPE_F16) {
+        llama_l2kv_fp16_to_fp32_row((const ggml_fp16_t *) row, dst, k->ne[0]);
+    } else {
+        ggml_get_type_traits(k->type)->to_float(row, dst, k->ne[0]);
+    }
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+#define LLAMA_L2KV_ALWAYS_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define LLAMA_L2KV_ALWAYS_INLINE __forceinline
+#else
+#define LLAMA_L2KV_ALWAYS_INLINE inline
+#endif
+
+// a dot product with 8 independent partial sums, so that the compiler can vectorize it
+static LLAMA_L2KV_ALWAYS_INLINE float llama_l2kv_dot(const float * a, const float * b, int64_t d) {
+    float acc[8] = { 0.0f };
+    int64_t j = 0;
+    for (; j + 8 <= d; j += 8) {
+        for (int l = 0; l < 8; ++l) {
+            acc[l] += a[j + l]*b[j + l];
+        }
+    }
+    for (; j < d; ++j) {
+        acc[0] += a[j]*b[j];
+    }
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// the two passes of the host key cosines over a layer's used key rows (rows are converted twice rather
+// than stored: the layer's F32 copy would not fit in cache, and the conversion is cheap). Written once,
+// inlined into a baseline-ISA function and, on x86-64, into an AVX2 + FMA one chosen at run time (the
+// library is built for the baseline ISA, where these loops vectorize 4 floats wide without FMA)
+static LLAMA_L2KV_ALWAYS_INLINE void llama_l2kv_key_cosines_passes(
+        const ggml_tensor * k, const uint32_t * used, uint32_t n_used, uint32_t nh, int64_t d,
+        float * x, float * inv, float * m, float * kcos) {
+    // 1/|k| per (entry, head) and the sum of the unit keys per head
+    for (uint32_t i = 0; i < n_used; ++i) {
+        llama_l2kv_load_key_row(k, used[i], x);
+        for (uint32_t h = 0; h < nh; ++h) {
+            const float * v = x + (size_t) h*d;
+            const float   r = 1.0f/std::max(std::sqrt(llama_l2kv_dot(v, v, d)), 1e-12f);
+            float       * a = m + (size_t) h*d;
+            for (int64_t j = 0; j < d; ++j) {
+                a[j] += v[j]*r;
+            }
+            inv[(size_t) i*nh + h] = r;
+        }
+    }
+    // the unit mean key per head
+    for (uint32_t h = 0; h < nh; ++h) {
+        float * a = m + (size_t) h*d;
+        const float r = 1.0f/std::max(std::sqrt(llama_l2kv_dot(a, a, d)), 1e-12f);
+        for (int64_t j = 0; j < d; ++j) {
+            a[j] *= r;
+        }
+    }
+    // one dot per (entry, head)
+    for (uint32_t i = 0; i < n_used; ++i) {
+        llama_l2kv_load_key_row(k, used[i], x);
+        for (uint32_t h = 0; h < nh; ++h) {
+            const float * v = x + (size_t) h*d;
+            kcos[(size_t) used[i]*nh + h] = llama_l2kv_dot(v, m + (size_t) h*d, d)*inv[(size_t) i*nh + h];
+        }
+    }
+}
+
+static void llama_l2kv_key_cosines_baseline(
+        const ggml_tensor * k, const uint32_t * used, uint32_t n_used, uint32_t nh, int64_t d,
+        float * x, float * inv, float * m, float * kcos) {
+    llama_l2kv_key_cosines_passes(k, used, n_used, nh, d, x, inv, m, kcos);
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx2,fma")))
+static void llama_l2kv_key_cosines_avx2(
+        const ggml_tensor * k, const uint32_t * used, uint32_t n_used, uint32_t nh, int64_t d,
+        float * x, float * inv, float * m, float * kcos) {
+    llama_l2kv_key_cosines_passes(k, used, n_used, nh, d, x, inv, m, kcos);
+}
+#endif
+
 void llama_kv_cache_l2::key_cosines_host(uint32_t ikv, const std::vector<uint32_t> & used, std::vector<float> & kcos) const {
     const ggml_tensor * k = kv.layers[ikv].k;
 
@@ -730,73 +818,23 @@ void llama_kv_cache_l2::key_cosines_host(uint32_t ikv, const std::vector<uint32_
     const uint32_t n_cells = used.empty() ? 0 : used.back() + 1;
     const uint32_t nh      = n_head_kv(ikv);
     const int64_t  d       = kv.hparams.n_embd_head_k(kv.layers[ikv].il);
-    const int64_t  ne0     = k->ne[0]; // d*nh
 
-    GGML_ASSERT(ne0 == d*nh);
+    GGML_ASSERT(k->ne[0] == d*nh);
 
-    // one used key row as F32 (rows are converted twice rather than stored: the layer's F32 copy would
-    // not fit in cache, and the conversion is cheap)
-    const auto * traits = ggml_get_type_traits(k->type);
-    auto load_row = [&](uint32_t i, float * dst) {
-        const char * row = (const char *) k->data + (size_t) used[i]*k->nb[1];
-        if (k->type == GGML_TYPE_F32) {
-            memcpy(dst, row, ne0*sizeof(float));
-        } else if (k->type == GGML_TYPE_F16) {
-            llama_l2kv_fp16_to_fp32_row((const ggml_fp16_t *) row, dst, ne0);
-        } else {
-            traits->to_float(row, dst, ne0);
-        }
-    };
-    // the key cosines need 1/|k| per (entry, head), the mean unit key per head, and one dot per (entry, head);
-    // dot products use 8 independent partial sums so that the compiler can vectorize them
-    auto dot = [d](const float * a, const float * b) {
-        float acc[8] = { 0.0f };
-        int64_t j = 0;
-        for (; j + 8 <= d; j += 8) {
-            for (int l = 0; l < 8; ++l) {
-                acc[l] += a[j + l]*b[j + l];
-            }
-        }
-        for (; j < d; ++j) {
-            acc[0] += a[j]*b[j];
-        }
-        return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    };
-    auto inv_norm = [](float s) {
-        return 1.0f/std::max(std::sqrt(s), 1e-12f);
-    };
-
-    std::vector<float> x(ne0);
+    std::vector<float> x(k->ne[0]);
     std::vector<float> inv((size_t) n_used*nh);
-    std::vector<float> m(ne0, 0.0f);
-    for (uint32_t i = 0; i < n_used; ++i) {
-        load_row(i, x.data());
-        for (uint32_t h = 0; h < nh; ++h) {
-            const float * v = x.data() + (size_t) h*d;
-            const float   r = inv_norm(dot(v, v));
-            float       * a = m.data() + (size_t) h*d;
-            for (int64_t j = 0; j < d; ++j) {
-                a[j] += v[j]*r;
-            }
-            inv[(size_t) i*nh + h] = r;
-        }
-    }
-    for (uint32_t h = 0; h < nh; ++h) {
-        float * a = m.data() + (size_t) h*d;
-        const float r = inv_norm(dot(a, a));
-        for (int64_t j = 0; j < d; ++j) {
-            a[j] *= r;
-        }
-    }
-
+    std::vector<float> m(k->ne[0], 0.0f);
     kcos.assign((size_t) n_cells*nh, 0.0f);
-    for (uint32_t i = 0; i < n_used; ++i) {
-        load_row(i, x.data());
-        for (uint32_t h = 0; h < nh; ++h) {
-            const float * v = x.data() + (size_t) h*d;
-            kcos[(size_t) used[i]*nh + h] = dot(v, m.data() + (size_t) h*d)*inv[(size_t) i*nh + h];
-        }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    // LLAMA_L2KV_BASELINE_ISA: the baseline loops also on AVX2 machines (read per call, for the tests)
+    static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (has_avx2 && getenv("LLAMA_L2KV_BASELINE_ISA") == nullptr) {
+        llama_l2kv_key_cosines_avx2(k, used.data(), n_used, nh, d, x.data(), inv.data(), m.data(), kcos.data());
+        return;
     }
+#endif
+    llama_l2kv_key_cosines_baseline(k, used.data(), n_used, nh, d, x.data(), inv.data(), m.data(), kcos.data());
 }
 
 void llama_kv_cache_l2::group_scores(uint32_t ikv, uint32_t g, const std::vector<uint32_t> & used,
