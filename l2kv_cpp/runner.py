@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -80,14 +82,44 @@ def settings_from_options(opts: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextmanager
-def progress_bar(model: L2KVModel, desc: str) -> Iterator[ProgressFn]:
-    """A tqdm bar on stderr for long inputs: tokens done, tokens/s and KV cells in use."""
+def ctrl_c_deferred() -> Iterator[Callable[[], None]]:
+    """Ctrl-C as a flag, acted on where the caller calls the yielded check (between batches and tokens).
+
+    Python's default handler raises KeyboardInterrupt wherever the interpreter runs next. While llama.cpp
+    decodes, that can be llama-cpp-python's log callback (a ctypes callback, called ~180 times by the
+    graph re-reservation after every eviction even when nothing is printed), and ctypes swallows an
+    exception raised there: Ctrl-C was lost now and then. A Ctrl-C after the last check is dropped.
+    """
+    hit = threading.Event()
+
+    def check() -> None:
+        if hit.is_set():
+            hit.clear()
+            raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: hit.set())
+    except ValueError:  # not the main thread: Ctrl-C stays as it is
+        yield check
+        return
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def progress_bar(model: L2KVModel, desc: str, check: Callable[[], None] | None = None) -> Iterator[ProgressFn]:
+    """A tqdm bar on stderr for long inputs: tokens done, tokens/s and KV cells in use; calls `check`
+    after every batch."""
     from tqdm import tqdm
 
     bar = None
 
     def update(done: int, total: int) -> None:
         nonlocal bar
+        if check is not None:
+            check()
         if bar is None:
             if total <= model.settings.n_batch:
                 return  # short inputs need no bar
@@ -153,7 +185,7 @@ def _answer(
     """Stream one answer; returns (text, last response, interrupted)."""
     pieces: list[str] = []
     last = None
-    with progress_bar(conv.model, "prompt") as progress:
+    with ctrl_c_deferred() as check, progress_bar(conv.model, "prompt", check) as progress:
         gen = conv.ask(text, sampling, n_predict, progress)
         try:
             for last in gen:
@@ -161,6 +193,7 @@ def _answer(
                 if echo:
                     sys.stdout.write(last.text)
                     sys.stdout.flush()
+                check()
         except KeyboardInterrupt:
             return "".join(pieces), last, True
         finally:
@@ -198,7 +231,7 @@ def run(
             print(f"[resumed {session}: {m.n_past} tokens, {n_turns} turns]", file=sys.stderr)
         try:
             if document is not None:
-                with progress_bar(m, "document") as progress:
+                with ctrl_c_deferred() as check, progress_bar(m, "document", check) as progress:
                     n = conv.load_document(document, progress)
                 print(f"[loaded {file}: {n} tokens; {m.stats().n_cells_used} KV cells in use]", file=sys.stderr)
             if prompt is not None:

@@ -239,3 +239,26 @@ def test_session_errors_are_one_line_and_keep_the_file(tiny_model, tmp_path):
         res = invoke("run", str(other), "-p", "abc", "--session", str(session), *TINY_RUN)
         assert res.exit_code == 1 and message in res.output and len(res.output.strip().splitlines()) == 1
         assert session.read_bytes() == damaged
+
+
+def test_ctrl_c_inside_a_ctypes_callback_is_not_lost():
+    """llama-cpp-python routes llama.cpp's log through a ctypes callback (~180 calls per eviction); with
+    Python's default SIGINT handler a Ctrl-C landing there raised KeyboardInterrupt inside the callback,
+    where ctypes swallows it. The run loop takes Ctrl-C as a flag and acts on it between steps."""
+    import ctypes
+    import os
+    import signal
+
+    from l2kv_cpp.runner import ctrl_c_deferred
+
+    def log_like_callback() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        sum(range(1000))  # Python runs on inside the callback after the signal
+
+    callback = ctypes.CFUNCTYPE(None)(log_like_callback)
+    with ctrl_c_deferred() as check:
+        callback()
+        with pytest.raises(KeyboardInterrupt):
+            check()
+        check()  # acted on once
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

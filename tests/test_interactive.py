@@ -74,6 +74,7 @@ def test_chat_session_on_a_document_four_times_the_budget(smollm2_path, tmp_path
         child.expect_exact("> ")
 
         child.sendline("Write a very long story about the sea, with many chapters.")
+        child.expect_exact("chapters.")  # the terminal's echo of the line
         child.expect(re.compile(r"\w+ \w+ \w+"))  # the answer is streaming
         child.sendintr()  # Ctrl-C
         child.expect_exact("(stopped)")
