@@ -78,6 +78,20 @@ class Native:
     def status_str(self, status: int) -> str:
         return self.ffi.string(self.lib.llama_l2kv_status_str(status)).decode()
 
+    def set_log(self, verbose: bool) -> None:
+        """llama.cpp's log: verbose, through llama-cpp-python's logger (every line); otherwise warnings only,
+        filtered in C (what llama-cpp-python shows with verbose off, without its Python callback's ~180 calls
+        per eviction, where a Ctrl-C would be swallowed). Process-wide, like llama_log_set itself."""
+        if verbose:
+            import ctypes
+
+            lc = _lib.llama_cpp()
+            from llama_cpp import _logger
+
+            lc.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        else:
+            self.lib.llama_l2kv_log_set_quiet()
+
     def ctx_ptr(self, ctx: Any) -> Any:
         """A `struct llama_context *` from llama-cpp-python's ctypes handle (or an int address)."""
         import ctypes

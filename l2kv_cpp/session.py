@@ -83,7 +83,7 @@ class L2KVModel:
     ):
         path = Path(model_path)
         self.info = check_gguf(path)
-        native()  # refuse a stock libllama before loading anything
+        native().set_log(settings.verbose)  # refuses a stock libllama before loading anything
         self.path, self.settings, self.l2kv = path, settings, l2kv
         lc = _lib.llama_cpp()
         n_ctx = settings.n_ctx or self._auto_n_ctx()

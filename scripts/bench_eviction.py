@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from l2kv_cpp import cache  # noqa: E402
+from l2kv_cpp._ffi import native  # noqa: E402
 from l2kv_cpp.config import L2KVConfig, Policy  # noqa: E402
 from l2kv_cpp.decode import decode  # noqa: E402
 from l2kv_cpp.gguf_file import read_gguf  # noqa: E402
@@ -258,6 +259,8 @@ def main() -> int:
         help="part 4: evict between n_batch-token chunks instead of single decoded tokens",
     )
     args = ap.parse_args()
+    # llama.cpp's log filtered in C: llama-cpp-python's Python log callback would add its calls to the timings
+    native().set_log(verbose=False)
 
     model = synthetic_model(args.synthetic) if args.synthetic else resolve_model(args.model)
     name = args.synthetic or args.model

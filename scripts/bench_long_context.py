@@ -33,6 +33,7 @@ from bench_eviction import decode_one_by_one, synthetic_model, tokens  # noqa: E
 from tabulate import tabulate  # noqa: E402
 
 from l2kv_cpp import cache  # noqa: E402
+from l2kv_cpp._ffi import native  # noqa: E402
 from l2kv_cpp.config import L2KVConfig, Policy  # noqa: E402
 from l2kv_cpp.decode import decode  # noqa: E402
 from l2kv_cpp.gguf_file import read_gguf  # noqa: E402
@@ -108,6 +109,8 @@ def main() -> int:
     ap.add_argument("--gpu-layers", type=int, default=0, help="-1 offloads every layer (GPU builds)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    # llama.cpp's log filtered in C: llama-cpp-python's Python log callback would add its calls to the timings
+    native().set_log(verbose=False)
 
     model = synthetic_model(args.synthetic) if args.synthetic else resolve_model(args.model)
     vocab = read_gguf(model).n_vocab

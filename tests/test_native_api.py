@@ -68,3 +68,49 @@ def test_flash_attn_reports_what_the_context_was_created_with(native, tiny_model
         out = native.ffi.new("bool *")
         assert native.lib.llama_l2kv_get_flash_attn(native.ctx_ptr(m.llm.ctx), out) == 0
         assert bool(out[0]) is requested  # the CPU backend supports flash attention for every type
+
+
+def test_quiet_log_keeps_warnings_and_drops_the_rest_in_c(native, tiny_model, capfd):
+    """set_log(False) (what L2KVModel and the benches use without -v) filters in C: llama.cpp's warnings
+    still reach stderr, its debug lines and the l2kv error line do not (the error comes back through
+    llama_l2kv_last_error); set_log(True) routes the log back to llama-cpp-python's callback, which with
+    its logger at DEBUG prints those same lines (the control)."""
+    from conftest import make_llm, random_tokens
+    from llama_cpp import _logger
+
+    from l2kv_cpp import cache
+    from l2kv_cpp.config import L2KVConfig
+    from l2kv_cpp.decode import decode
+    from l2kv_cpp.errors import InvalidParamsError
+
+    def evict_and_fail(evicting, plain, pos: int) -> str:
+        capfd.readouterr()
+        with pytest.raises(InvalidParamsError, match="n_slack \\(16\\) must be 0"):
+            cache.enable(plain.ctx, L2KVConfig(kv_budget=64, n_slack=16))
+        decode(evicting, random_tokens(100, seed=pos), pos)  # evictions: graph re-reservations log debug lines
+        return capfd.readouterr().err
+
+    evicting = make_llm(tiny_model, n_ctx=256, n_batch=64)
+    plain = make_llm(tiny_model, n_ctx=256, n_batch=64)
+    try:
+        cache.enable(evicting.ctx, L2KVConfig(kv_budget=64))
+        _logger.set_verbose(True)  # llama-cpp-python's callback prints every line from here on
+        native.set_log(verbose=False)
+        quiet = evict_and_fail(evicting, plain, 0)
+        native.set_log(verbose=True)
+        loud = evict_and_fail(evicting, plain, 100)
+    finally:
+        _logger.set_verbose(False)
+        native.set_log(verbose=True)
+        evicting.close()
+        plain.close()
+    assert "n_slack" in loud and "graph_reserve" in loud
+    assert "n_slack" not in quiet and "graph_reserve" not in quiet
+
+    native.set_log(verbose=False)
+    try:
+        capfd.readouterr()
+        make_llm(tiny_model, n_ctx=8192, n_batch=64).close()  # past the model's 4096-token training context
+        assert "n_ctx_seq (8192) > n_ctx_train (4096)" in capfd.readouterr().err  # a warning gets through
+    finally:
+        native.set_log(verbose=True)

@@ -118,6 +118,13 @@ extern "C" {
     // valid until the next l2kv call on the thread
     LLAMA_API const char * llama_l2kv_last_error(void);
 
+    // route llama.cpp's (and ggml's) log to a C callback that prints warnings to stderr and drops the rest:
+    // a binding whose log callback runs in an interpreter (llama-cpp-python) otherwise calls into it for
+    // every debug line, e.g. ~180 per eviction from the graph re-reservation. Errors are dropped too: the
+    // l2kv functions report theirs through llama_l2kv_last_error, and callers turn failures into messages
+    // (llama-cpp-python with verbose off shows the same: warnings only). llama_log_set undoes it
+    LLAMA_API void llama_l2kv_log_set_quiet(void);
+
     // whether flash attention is enabled on the context after llama.cpp resolved
     // LLAMA_FLASH_ATTN_TYPE_AUTO (the value the graphs are built with)
     // writes the answer to *out and returns a status

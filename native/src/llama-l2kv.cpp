@@ -48,6 +48,23 @@ const char * llama_l2kv_status_str(int32_t status) {
     }
 }
 
+// warnings, with their continuation lines; everything else is dropped without a call out of C
+static void llama_l2kv_log_quiet(enum ggml_log_level level, const char * text, void * user_data) {
+    GGML_UNUSED(user_data);
+    static thread_local bool shown = false;
+    if (level != GGML_LOG_LEVEL_CONT) {
+        shown = level == GGML_LOG_LEVEL_WARN;
+    }
+    if (shown) {
+        fputs(text, stderr);
+        fflush(stderr);
+    }
+}
+
+void llama_l2kv_log_set_quiet(void) {
+    llama_log_set(llama_l2kv_log_quiet, nullptr);
+}
+
 int32_t llama_l2kv_get_flash_attn(const struct llama_context * ctx, bool * out) {
     llama_l2kv_clear_error();
     if (ctx == nullptr || out == nullptr) {
