@@ -97,11 +97,10 @@ def ctrl_c_deferred() -> Iterator[Callable[[], None]]:
             hit.clear()
             raise KeyboardInterrupt
 
-    try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: hit.set())
-    except ValueError:  # not the main thread: Ctrl-C stays as it is
-        yield check
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield check  # only the main thread handles signals; an ignored Ctrl-C (nohup, &) stays ignored
         return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: hit.set())
     try:
         yield check
     finally:

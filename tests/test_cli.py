@@ -256,9 +256,16 @@ def test_ctrl_c_inside_a_ctypes_callback_is_not_lost():
         sum(range(1000))  # Python runs on inside the callback after the signal
 
     callback = ctypes.CFUNCTYPE(None)(log_like_callback)
-    with ctrl_c_deferred() as check:
-        callback()
-        with pytest.raises(KeyboardInterrupt):
-            check()
-        check()  # acted on once
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # SIG_IGN when run in the background
+    try:
+        with ctrl_c_deferred() as check:
+            callback()
+            with pytest.raises(KeyboardInterrupt):
+                check()
+            check()  # acted on once
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with ctrl_c_deferred():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # an ignored Ctrl-C stays ignored
+    finally:
+        signal.signal(signal.SIGINT, outer)
