@@ -10,6 +10,7 @@ with a full cache (docs/results.md).
 from __future__ import annotations
 
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -24,6 +25,16 @@ PREAMBLE = (
     "There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
     "I will quiz you about the important information there.\n"
 )
+
+
+def _ctrl_c_default() -> None:
+    """In the child: Ctrl-C with its default action, as in a terminal. Started from a background job
+    (nohup, `&`) the child would inherit an ignored SIGINT, and the CLI rightly keeps it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _spawn(cli: str, args: list[str]):
+    return pexpect.spawn(cli, args, encoding="utf-8", timeout=120, dimensions=(40, 200), preexec_fn=_ctrl_c_default)
 
 
 def passkey_document(key: int = 68417, n: int = 40) -> str:
@@ -56,7 +67,7 @@ def test_chat_session_on_a_document_four_times_the_budget(smollm2_path, tmp_path
         "-n",
         "300",
     ]
-    child = pexpect.spawn(cli, args, encoding="utf-8", timeout=120, dimensions=(40, 200))
+    child = _spawn(cli, args)
     try:
         child.expect_exact("> ")
         child.sendline("What is the pass key?")
@@ -97,7 +108,7 @@ def test_session_saved_on_exit_is_resumed_in_a_new_process(smollm2_path, tmp_pat
     common = ["--session", str(session), "--kv-budget", "256", "--n-sink", "64", "-b", "128", "-ub", "128"]
     common += ["--temp", "0", "-n", "40"]
 
-    child = pexpect.spawn(cli, ["run", "-f", str(doc), *common], encoding="utf-8", timeout=120, dimensions=(40, 200))
+    child = _spawn(cli, ["run", "-f", str(doc), *common])
     try:
         child.expect_exact("> ")
         child.sendline("/exit")
@@ -109,7 +120,7 @@ def test_session_saved_on_exit_is_resumed_in_a_new_process(smollm2_path, tmp_pat
     assert child.exitstatus == 0 and session.is_file()
     first_size = session.stat().st_size
 
-    child = pexpect.spawn(cli, ["run", *common], encoding="utf-8", timeout=120, dimensions=(40, 200))
+    child = _spawn(cli, ["run", *common])
     try:
         child.expect(r"\[resumed .*passkey\.session: (\d+) tokens")
         child.expect_exact("> ")
