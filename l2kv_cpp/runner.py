@@ -88,7 +88,7 @@ def ctrl_c_deferred() -> Iterator[Callable[[], None]]:
     Python's default handler raises KeyboardInterrupt wherever the interpreter runs next. While llama.cpp
     decodes, that can be llama-cpp-python's log callback (a ctypes callback, called ~180 times by the
     graph re-reservation after every eviction even when nothing is printed), and ctypes swallows an
-    exception raised there: Ctrl-C was lost now and then. A Ctrl-C after the last check is dropped.
+    exception raised there: such a Ctrl-C would be lost. A Ctrl-C after the last check is dropped.
     """
     hit = threading.Event()
 
