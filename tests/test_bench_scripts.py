@@ -40,3 +40,10 @@ def test_bench_eviction_prints_every_part(tiny_model):
     )  # fmt: skip
     for measure in ("norms off / on", "eviction time per event", "decode t/s at depth", "eviction per event, key-diff"):
         assert measure in out, measure
+
+
+def test_long_ppl_prints_one_row_per_bucket(tiny_model):
+    out = _run("long_ppl.py", "--model", str(tiny_model), "--tokens", "600", "--budget", "128", "--bucket", "200")
+    assert "policy window, budget 128, n_sink 4" in out and "policy key-diff" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "-" in line.split("|")[1]]
+    assert [r.split("|")[1].strip() for r in rows] == ["0-200", "200-400", "400-599"] * 2
