@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -133,6 +134,22 @@ def progress_bar(model: L2KVModel, desc: str, check: Callable[[], None] | None =
             bar.close()
 
 
+_past_training_noted: weakref.WeakSet[L2KVModel] = weakref.WeakSet()
+
+
+def note_past_training_context(model: L2KVModel) -> None:
+    """One stderr line when a conversation first runs past the model's training context: eviction bounds
+    the memory, not the RoPE distances to old kept keys, and quality degrades from there (docs/results.md)."""
+    n_train = int(model.info.arch_value("context_length", 0) or 0)
+    if n_train and model.n_past > n_train and model not in _past_training_noted:
+        _past_training_noted.add(model)
+        print(
+            f"[note: {model.n_past} tokens, past the model's {n_train}-token training context: kept keys keep "
+            "their original positions, so quality degrades from here (README: Limit)]",
+            file=sys.stderr,
+        )
+
+
 def read_document(file: str) -> str:
     path = Path(file)
     if not path.is_file():
@@ -197,6 +214,7 @@ def _answer(
             return "".join(pieces), last, True
         finally:
             gen.close()
+            note_past_training_context(conv.model)
     return "".join(pieces), last, False
 
 
@@ -233,6 +251,7 @@ def run(
                 with ctrl_c_deferred() as check, progress_bar(m, "document", check) as progress:
                     n = conv.load_document(document, progress)
                 print(f"[loaded {file}: {n} tokens; {m.stats().n_cells_used} KV cells in use]", file=sys.stderr)
+                note_past_training_context(m)
             if prompt is not None:
                 one_shot(conv, prompt, sampling, n_predict, as_json)
             else:

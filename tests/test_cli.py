@@ -74,6 +74,23 @@ def test_run_far_past_the_buffer_keeps_memory_bounded(tiny_model):
     assert kv["n_cells_used"] <= 64 + 32 and kv["n_evictions"] >= 20
 
 
+def test_run_says_once_when_the_conversation_passes_the_training_context(tmp_path):
+    """Eviction bounds memory, not RoPE distances (docs/results.md): the run notes, once, where the
+    model leaves its training context (here a tiny model trained for 256 tokens)."""
+    from l2kv_cpp.tiny_model import TinyModelConfig, write_tiny_model
+
+    model = write_tiny_model(tmp_path / "short.gguf", TinyModelConfig(seed=1, n_ctx_train=256))
+    doc = tmp_path / "doc.txt"
+    doc.write_text("abc " * 150)
+    res = invoke("run", str(model), "-f", str(doc), "-p", "x", "-n", "200", *TINY_RUN)
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("past the model's 256-token training context") == 1
+    doc.write_text("abc " * 20)
+    res = invoke("run", str(model), "-f", str(doc), "-p", "x", "-n", "20", *TINY_RUN)
+    assert res.exit_code == 0, res.output
+    assert "training context" not in res.stderr
+
+
 def test_options_read_environment_variables(tiny_model):
     res = invoke("run", str(tiny_model), "--json", "-p", "x", *TINY_RUN, env={"L2KV_RUN_N_PREDICT": "3"})
     assert res.exit_code == 0, res.output
