@@ -84,9 +84,13 @@ class L2KVConfig:
                 raise InvalidParamsError(f"skip_layers must be >= 0 (got {layers})")
             object.__setattr__(self, "skip_layers", layers)
 
+    def slack(self, n_batch: int) -> int:
+        """The entries the cache holds past kv_budget before it evicts (n_slack, else one batch)."""
+        return self.n_slack or n_batch
+
     def max_cells(self, n_batch: int) -> int:
         """The cells the cache grows to before it evicts (the context needs at least these)."""
-        return self.kv_budget + (self.n_slack or n_batch)
+        return self.kv_budget + self.slack(n_batch)
 
     @property
     def effective_skip_layers(self) -> tuple[int, ...]:

@@ -66,6 +66,11 @@ class GGUFFile:
         tokens = self.metadata.get("tokenizer.ggml.tokens", 0)
         return tokens if isinstance(tokens, int) else len(tokens)
 
+    @property
+    def n_ctx_train(self) -> int:
+        """The training context in tokens (0 when the file does not say)."""
+        return int(self.arch_value("context_length", 0) or 0)
+
     def arch_value(self, key: str, default: Any = None) -> Any:
         """A `<arch>.<key>` metadata value, e.g. arch_value("block_count")."""
         return self.metadata.get(f"{self.architecture}.{key}", default)

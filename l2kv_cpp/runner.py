@@ -140,7 +140,7 @@ _past_training_noted: weakref.WeakSet[L2KVModel] = weakref.WeakSet()
 def note_past_training_context(model: L2KVModel) -> None:
     """One stderr line when a conversation first runs past the model's training context: eviction bounds
     the memory, not the RoPE distances to old kept keys, and quality degrades from there (docs/results.md)."""
-    n_train = int(model.info.arch_value("context_length", 0) or 0)
+    n_train = model.info.n_ctx_train
     if n_train and model.n_past > n_train and model not in _past_training_noted:
         _past_training_noted.add(model)
         print(
@@ -165,7 +165,7 @@ def read_document(file: str) -> str:
 def stats_text(model: L2KVModel, last: GenerationResponse | None, prompt_tps: float) -> str:
     st = model.stats()
     mem = model.memory_report()
-    slack = model.l2kv.max_cells(model.settings.n_batch) - st.kv_budget if model.l2kv else 0
+    slack = model.l2kv.slack(model.settings.n_batch) if model.l2kv else 0
     lines = [
         f"cells in use   {st.n_cells_used} (budget {st.kv_budget} + slack {slack}; buffer {st.kv_size} cells)",
         f"KV memory      {mem['kv_mib']:.1f} MiB now vs {mem['full_cache_mib']:.1f} MiB for a full cache of "

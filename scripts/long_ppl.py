@@ -42,7 +42,7 @@ def main() -> int:
     native().set_log(verbose=False)
 
     path = resolve_model(args.model)
-    n_ctx_train = read_gguf(path).arch_value("context_length", 0)
+    n_ctx_train = read_gguf(path).n_ctx_train
     with open_tokenizer(path) as tok:
         tokens = text_tokens(tok, corpus_text(), args.tokens)
     t0 = time.time()
