@@ -90,6 +90,14 @@ def evict_now(ctx: Any) -> None:
     _check(nat.lib.llama_l2kv_evict_now(nat.ctx_ptr(ctx)), "llama_l2kv_evict_now")
 
 
+def set_n_sink(ctx: Any, n_sink: int) -> None:
+    """Protect the first n_sink positions from the next eviction on (n_sink + n_recent < kv_budget)."""
+    if n_sink < 0:
+        raise InvalidParamsError(f"n_sink must be >= 0 (got {n_sink})")
+    nat = native()
+    _check(nat.lib.llama_l2kv_set_n_sink(nat.ctx_ptr(ctx), n_sink), "llama_l2kv_set_n_sink")
+
+
 def _layer_buffers(ctx: Any, il: int, dtypes: tuple[type, ...]) -> tuple[Any, list[np.ndarray]]:
     """The context pointer and zeroed [kv_size, n_head_kv] arrays for a per-(cell, head) read of layer il."""
     nat = native()

@@ -1,28 +1,59 @@
-"""A conversation that only appends to the KV cache, so eviction and history stay consistent.
+"""A conversation whose KV cache holds exactly the tokens of the whole conversation.
 
-With a chat template, every turn renders the whole conversation and feeds only the new suffix
-(the text after what the cache already holds, `fed_text`); the model's answer and its
-end-of-turn token are already in the cache. Without a template (base models) user text is
-appended as plain text. When the rendered conversation no longer extends what was fed (e.g.
-the template rewrote earlier turns), the conversation is re-evaluated from its kept text
-history; tokens that eviction dropped are never needed for that.
+At every turn the whole conversation is rendered (the chat template, or the plain text for base
+models) and tokenized whole, and the cache is brought to those tokens by their common prefix with
+what it holds, as llama.cpp's server does: only the new suffix is decoded. Tokenizing the new text
+on its own would not do: BPE merges at the boundary differ from the whole prompt's (SmolLM2 reads
+"document\\n\\n" as one token when it ends the text and as two when a question follows), and the
+model would read a token sequence it never saw in training.
+
+- Answers keep the tokens the model sampled: the rendered answer text is replaced by those tokens
+  (that a re-tokenization of the text would differ is no reason to re-evaluate).
+- A loaded document is fed without its last tokens that may still merge with the text that
+  follows (or, when that text is given, exactly the tokens of the whole prompt inside the
+  document); they are fed with the question.
+- Where the whole prompt's tokens diverge from the cache (a template that rewrites earlier turns,
+  an interrupted turn), the cache goes back to the divergence; when an eviction already compacted
+  that part, the conversation is re-evaluated from its history, with a warning in the log.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from . import cache
 from .errors import ModelError
 from .generate import GenerationResponse, stream_generate
+from .prompt_tokens import common_prefix_len, stable_prefix_len, tokens_within
 from .sampling import SamplingSettings
 from .session import L2KVModel, ProgressFn
 
 log = logging.getLogger(__name__)
 
-_DOC_MARK = "\u2063L2KV_QUESTION\u2063"  # where the question goes after a loaded document
+# stand-ins rendered in place of an answer (its sampled tokens go there) and of the text that will
+# follow a loaded document; invisible separators so that no real text contains them
+_ANSWER_MARK = "\u2063L2KV_ANSWER_{}\u2063"
+_NEXT_MARK = "\u2063L2KV_NEXT\u2063"
+_ANSWER_SPLIT = re.compile("\u2063L2KV_ANSWER_(\\d+)\u2063")
+
+Piece = str | list[int]  # rendered text, or an answer's sampled tokens
+
+
+@dataclass(frozen=True)
+class TurnTokens:
+    """The tokens a turn must leave in the cache, split where its last text piece starts."""
+
+    head: list[int]  # tokens of everything before the last text piece (earlier turns, answers)
+    text: str  # the last text piece (tokenized whole)
+    tail: list[int]  # its tokens
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.head + self.tail
 
 
 @dataclass
@@ -31,7 +62,8 @@ class Conversation:
     chat: bool | None = None  # None: the chat template when the model has one
     system: str | None = None  # system prompt (chat only)
     messages: list[dict[str, str]] = field(default_factory=list)
-    fed_text: str = ""  # text whose tokens are in the cache
+    answers: list[list[int]] = field(default_factory=list)  # sampled tokens of each assistant message, no end token
+    tokens: list[int] = field(default_factory=list)  # what the cache holds: position i holds tokens[i]
     document: str | None = None  # loaded document, prefixed to the next user message
     n_reevaluations: int = 0
     last_prompt_tokens_per_second: float = 0.0
@@ -44,6 +76,25 @@ class Conversation:
         if self.system and self.chat:
             self.messages.append({"role": "system", "content": self.system})
         self._formatter = None
+        self.n_sink = self.model.l2kv.n_sink if self.model.l2kv is not None else 0  # first positions never evicted
+        self._protect_system_turn()
+
+    def _protect_system_turn(self) -> None:
+        """With keep_system (the default), raise n_sink to the rendered system turn and the first user turn's
+        header, so that no eviction drops them (SmolLM2's default system turn alone is ~20 tokens)."""
+        l2kv = self.model.l2kv
+        if not (self.chat and l2kv is not None and l2kv.keep_system):
+            return
+        system = [m for m in self.messages if m["role"] == "system"]
+        text = self._render([*system, {"role": "user", "content": _NEXT_MARK}], add_generation_prompt=True)
+        n = len(self._tokenize(text[: text.index(_NEXT_MARK)], at_start=True))
+        limit = l2kv.kv_budget - l2kv.n_recent - 1
+        if n > limit:
+            log.warning("the system turn (%d tokens) does not fit the budget: only its first %d are protected", n, limit)
+            n = limit
+        if n > self.n_sink:
+            cache.set_n_sink(self.model.llm.ctx, n)
+            self.n_sink = n
 
     # rendering
 
@@ -64,79 +115,138 @@ class Conversation:
     def _user_content(self, text: str) -> str:
         if self.document is None:
             return text
-        return f"{self.document}\n\n{text}"
+        return f"{self.document}\n\n{text}" if self.chat else self.document + text
 
-    def _user_turn(self, text: str) -> tuple[str, str]:
-        """(message content, the whole text the cache must hold) for a user turn awaiting an answer."""
+    def _pieces(self, pending: str | None) -> list[Piece]:
+        """The whole conversation, plus a pending user message awaiting an answer, as text pieces and
+        the answers' sampled tokens (in order)."""
+        messages = [*self.messages, *([{"role": "user", "content": pending}] if pending is not None else [])]
+        marked: list[dict[str, str]] = []
+        k = 0
+        for m in messages:
+            if m["role"] == "assistant":
+                m = {**m, "content": _ANSWER_MARK.format(k)}
+                k += 1
+            marked.append(m)
         if self.chat:
-            content = self._user_content(text)
-            return content, self._render(
-                [*self.messages, {"role": "user", "content": content}], add_generation_prompt=True
-            )
-        return text, self.fed_text + text
+            text = self._render(marked, add_generation_prompt=pending is not None)
+        else:
+            text = "".join(m["content"] for m in marked)
+        parts = _ANSWER_SPLIT.split(text)  # text, answer index, text, ...
+        pieces: list[Piece] = []
+        for i, part in enumerate(parts):
+            pieces.append(part if i % 2 == 0 else list(self.answers[int(part)]))
+        return pieces
 
-    def _tokens_for(self, target: str, special: bool) -> list[int]:
-        """Tokens that take the cache from fed_text to target (re-evaluating from scratch if needed)."""
-        if not target.startswith(self.fed_text):
-            log.warning("the conversation no longer extends the cached text; re-evaluating it from its history")
-            self.model.reset()
-            self.fed_text = ""
-            self.n_reevaluations += 1
-        delta = target[len(self.fed_text) :]
-        add_bos = self.model.n_past == 0 and self.model.add_bos
-        bos = self.model.token_text(self.model.llm.token_bos()).decode(errors="replace")
-        if add_bos and special and delta.startswith(bos):
-            add_bos = False  # the template writes its own BOS
-        return self.model.tokenize(delta, add_bos=add_bos, special=special)
+    def _tokenize(self, text: str, at_start: bool) -> list[int]:
+        """Tokens of one text piece; a BOS first when it starts the sequence and the model wants one
+        (unless the template wrote its own)."""
+        add_bos = at_start and self.model.add_bos
+        if add_bos and self.chat and text.startswith(self._bos_text()):
+            add_bos = False
+        return self.model.tokenize(text, add_bos=add_bos, special=bool(self.chat))
 
-    def _feed(self, target: str, progress: ProgressFn | None) -> int:
-        """Feed what takes the cache to `target`; on Ctrl-C roll back to the previous turn."""
-        tokens = self._tokens_for(target, special=bool(self.chat))
-        start = self.model.n_past
+    def _bos_text(self) -> str:
+        return self.model.token_text(self.model.llm.token_bos()).decode(errors="replace")
+
+    def _turn_tokens(self, pieces: list[Piece]) -> TurnTokens:
+        head: list[int] = []
+        for p in pieces[:-1]:
+            head += p if isinstance(p, list) else (self._tokenize(p, at_start=not head) if p else [])
+        last = pieces[-1]
+        assert isinstance(last, str)  # the split always ends with text, possibly empty
+        return TurnTokens(head, last, self._tokenize(last, at_start=not head) if last else [])
+
+    def _n_bos(self, turn: TurnTokens) -> int:
+        """1 when the tokenizer put a BOS in front of the last text piece."""
+        bos = self.model.llm.token_bos()
+        return int(not turn.head and bool(turn.tail) and self.model.add_bos and turn.tail[0] == bos)
+
+    # the cache
+
+    def _sync(self, target: list[int], progress: ProgressFn | None, need_logits: bool) -> int:
+        """Bring the cache to `target`: keep the common prefix, go back to where they diverge, feed the
+        rest. need_logits: the last token is decoded again when nothing new is left to feed. Returns the
+        tokens fed. On Ctrl-C the cache keeps what was fed (the next turn goes on from there)."""
+        n = common_prefix_len(self.tokens, target)
+        if need_logits and target and n == len(target):
+            n -= 1  # the logits of the last decode may belong to another token
+        if n < len(self.tokens):
+            if self.model.rewind(n):
+                del self.tokens[n:]
+            else:
+                st = self.model.stats()
+                log.warning(
+                    "the conversation's tokens differ from the cache at position %d, inside what an eviction "
+                    "already compacted (%d evictions); re-evaluating the conversation from its history (%d tokens)",
+                    n,
+                    st.n_evictions,
+                    len(target),
+                )
+                self.model.reset()
+                self.tokens = []
+                self.n_reevaluations += 1
+                n = 0
+        todo = target[n:]
         t0 = time.perf_counter()
         try:
-            self.model.feed(tokens, progress)
-        except KeyboardInterrupt:
-            if not self.model.rewind(start):  # an eviction already compacted part of it
-                self.model.reset()
-                self.fed_text = ""  # the next turn re-evaluates the conversation from its text
-            raise
-        self.fed_text = target
+            self.model.feed(todo, progress)
+        finally:
+            self.tokens = list(target[: self.model.n_past])  # what the cache holds, also after Ctrl-C
         dt = time.perf_counter() - t0
-        self.last_prompt_tokens_per_second = len(tokens) / dt if tokens and dt > 0 else 0.0
-        return len(tokens)
+        self.last_prompt_tokens_per_second = len(todo) / dt if todo and dt > 0 else 0.0
+        return len(todo)
 
     # public API
 
-    def load_document(self, text: str, progress: ProgressFn | None = None) -> int:
-        """Process a (long) document now; the next question is asked about it. Returns its token count."""
-        if self.chat:
-            self.document = text
-            rendered = self._render(
-                [*self.messages, {"role": "user", "content": self._user_content(_DOC_MARK)}], add_generation_prompt=True
-            )
-            target = rendered[: rendered.index(_DOC_MARK)]
-        else:
-            target = self.fed_text + text
-        return self._feed(target, progress)
+    def load_document(self, text: str, progress: ProgressFn | None = None, next_text: str | None = None) -> int:
+        """Process a (long) document now; the next question is asked about it. Returns the tokens fed.
+
+        The document's last tokens can depend on the text that follows it. With `next_text` (the
+        question, when already known), exactly the whole prompt's tokens that lie inside the document
+        are fed; otherwise those that no continuation changes, and the rest come with the question.
+        """
+        self.document = text if self.document is None else self._user_content(text)
+        tokens, n = self.document_split(next_text)
+        return self._sync(tokens[:n], progress, need_logits=False)
+
+    def document_split(self, next_text: str | None) -> tuple[list[int], int]:
+        """(tokens, n): the conversation's tokens with the loaded document and `next_text` after it,
+        and how many of them to feed before `next_text` is known (see load_document). With next_text
+        None, `tokens` ends where the document does."""
+        marked = self._turn_tokens(self._pieces(self._user_content(_NEXT_MARK)))
+        prefix = marked.text[: marked.text.index(_NEXT_MARK)]
+        if next_text is None:
+            own = self._tokenize(prefix, at_start=not marked.head)
+            n = stable_prefix_len(lambda t: self._tokenize(t, at_start=not marked.head), prefix, own)
+            return marked.head + own, len(marked.head) + n
+        whole = self._turn_tokens(self._pieces(self._user_content(next_text)))
+        n = tokens_within(self.model.token_pieces(whole.tail), whole.text, prefix, skip=self._n_bos(whole))
+        if n is None:  # the pieces do not spell the text: as far as the prefix's own tokens agree
+            n = common_prefix_len(whole.tail, self._tokenize(prefix, at_start=not whole.head))
+        return whole.tokens, len(whole.head) + n
+
+    def turn_tokens(self, text: str) -> list[int]:
+        """The tokens the cache holds once the user turn `text` is fed (the whole conversation so far)."""
+        return self._turn_tokens(self._pieces(self._user_content(text))).tokens
 
     def ask(
         self, text: str, sampling: SamplingSettings, max_tokens: int = -1, progress: ProgressFn | None = None
     ) -> Iterator[GenerationResponse]:
         """Stream the answer to `text`. Stopping early (or Ctrl-C) keeps what was generated so far."""
-        content, target = self._user_turn(text)
-        n_prompt = self._feed(target, progress)
-        pieces: list[bytes] = []
+        content = self._user_content(text)
+        n_prompt = self._sync(self.turn_tokens(text), progress, need_logits=True)
         answer: list[str] = []
+        sampled: list[int] = []
         try:
             for resp in stream_generate(self.model, [], sampling, max_tokens, n_prompt_fed=n_prompt):
-                pieces.append(self.model.token_text(resp.token))  # every yielded token is in the cache
+                self.tokens.append(resp.token)  # every yielded token is in the cache
+                if not self.model.is_eog(resp.token):
+                    sampled.append(resp.token)
                 answer.append(resp.text)
                 yield resp
         finally:
-            self.fed_text += b"".join(pieces).decode("utf-8", errors="replace")
-            self.document = None
-            self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": "".join(answer)}]
+            self._record_turn(content, "".join(answer), sampled)
 
     def feed_question(self, text: str, progress: ProgressFn | None = None) -> int:
         """Feed a user turn (with the generation prompt) without generating; returns the tokens fed.
@@ -144,15 +254,20 @@ class Conversation:
         For protocols that compress the cache between the question and the answer; the turn is
         recorded with an empty answer.
         """
-        content, target = self._user_turn(text)
-        n = self._feed(target, progress)
-        self.document = None
-        self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": ""}]
+        content = self._user_content(text)
+        n = self._sync(self.turn_tokens(text), progress, need_logits=True)
+        self._record_turn(content, "", [])
         return n
+
+    def _record_turn(self, content: str, answer: str, sampled: Sequence[int]) -> None:
+        self.document = None
+        self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+        self.answers.append(list(sampled))
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
         self.model.reset()
         self.messages = [m for m in self.messages if m["role"] == "system"]
-        self.fed_text = ""
+        self.answers = []
+        self.tokens = []
         self.document = None

@@ -63,6 +63,9 @@ class L2KVConfig:
     per_head: bool = True  # False: one choice per layer, by the sum of the heads' key norms
     seed: int = 0  # for Policy.RANDOM
     skip_layers: tuple[int, ...] | None = None  # None: the policy's default (see default_skip_layers); (): none
+    # chat: never evict the rendered system turn (n_sink raised to its length by Conversation, as llama.cpp's
+    # --keep protects the initial prompt); not part of the C struct
+    keep_system: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", Policy.parse(self.policy))

@@ -249,7 +249,7 @@ def run(
         try:
             if document is not None:
                 with ctrl_c_deferred() as check, progress_bar(m, "document", check) as progress:
-                    n = conv.load_document(document, progress)
+                    n = conv.load_document(document, progress, next_text=prompt)
                 print(f"[loaded {file}: {n} tokens; {m.stats().n_cells_used} KV cells in use]", file=sys.stderr)
                 note_past_training_context(m)
             if prompt is not None:

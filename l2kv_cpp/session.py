@@ -154,6 +154,20 @@ class L2KVModel:
     def token_text(self, token: int) -> bytes:
         return self.llm.detokenize([token], special=True)
 
+    def token_pieces(self, tokens: Sequence[int]) -> list[bytes]:
+        """Every token's bytes as the vocabulary spells it (llama_token_to_piece: special tokens as their
+        text, no space stripped): concatenated, the text a tokenizer without added spaces was given."""
+        lc = _lib.llama_cpp()
+        buf = ctypes.create_string_buffer(256)
+        out = []
+        for t in tokens:
+            n = lc.llama_token_to_piece(self._vocab, int(t), buf, len(buf), 0, True)
+            if n < 0:  # longer than the buffer: -n is the size it needs
+                buf = ctypes.create_string_buffer(-n)
+                n = lc.llama_token_to_piece(self._vocab, int(t), buf, len(buf), 0, True)
+            out.append(buf.raw[:n])
+        return out
+
     def is_eog(self, token: int) -> bool:
         return bool(_lib.llama_cpp().llama_vocab_is_eog(self._vocab, token))
 

@@ -1,9 +1,10 @@
 """A conversation saved to one file and resumed later (`l2kv-cpp run --session FILE`).
 
-The file holds a small JSON header (which model, the conversation's text state) followed by the
-context's llama.cpp state, which with eviction carries the evicted cache, its key norms and true
-positions (see docs/design.md). Writes go to a temporary file renamed into place, so an interrupted
-save never destroys the previous session.
+The file holds a small JSON header (which model, the conversation: its messages, the tokens the
+cache holds and the tokens sampled for each answer) followed by the context's llama.cpp state,
+which with eviction carries the evicted cache, its key norms and true positions (see
+docs/design.md). Writes go to a temporary file renamed into place, so an interrupted save never
+destroys the previous session.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .chat import Conversation
 from .errors import InvalidParamsError
 
 MAGIC = b"L2KVSESS"
-VERSION = 1
+VERSION = 2  # 2: the conversation as tokens (version 1 held text, whose re-tokenization differs)
 _HEADER = struct.Struct("<8sII")  # magic, version, JSON length
 
 
@@ -37,7 +38,8 @@ def save_session(conv: Conversation, path: str | os.PathLike[str]) -> int:
             "conversation": {
                 "chat": conv.chat,
                 "messages": conv.messages,
-                "fed_text": conv.fed_text,
+                "answers": conv.answers,
+                "tokens": conv.tokens,
                 "document": conv.document,
             },
         }
@@ -68,6 +70,11 @@ def load_session(conv: Conversation, path: str | os.PathLike[str]) -> None:
     magic, version, n_json = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise InvalidParamsError(f"--session: {source} is not an l2kv-cpp session file")
+    if version == 1:
+        raise InvalidParamsError(
+            f"--session: {source} was saved by an older l2kv-cpp (session version 1, the conversation as text, "
+            "which this version no longer trusts); start a new session under another name"
+        )
     if version != VERSION:
         raise InvalidParamsError(f"--session: {source} has version {version}; this l2kv-cpp reads version {VERSION}")
     try:
@@ -77,8 +84,11 @@ def load_session(conv: Conversation, path: str | os.PathLike[str]) -> None:
         saved = header["conversation"]
         saved_chat = bool(saved["chat"])
         messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in saved["messages"]]
-        fed_text = str(saved["fed_text"])
+        answers = [[int(t) for t in a] for a in saved["answers"]]
+        tokens = [int(t) for t in saved["tokens"]]
         document = None if saved["document"] is None else str(saved["document"])
+        if sum(m["role"] == "assistant" for m in messages) != len(answers):
+            raise ValueError("answers do not match the messages")
     except (ValueError, KeyError, TypeError):
         raise InvalidParamsError(f"--session: {source} is damaged (unreadable header)") from None
     if saved_model != _model_identity(conv):
@@ -98,9 +108,10 @@ def load_session(conv: Conversation, path: str | os.PathLike[str]) -> None:
             f"--session: {source} does not fit this context (saved with other settings such as the cache type, "
             f"or damaged): {exc}"
         ) from None
-    if model.n_past != n_past:
+    if model.n_past != n_past or len(tokens) != n_past:
         model.reset()
         raise InvalidParamsError(f"--session: {source} is damaged (positions do not match its header)")
     conv.messages = messages
-    conv.fed_text = fed_text
+    conv.answers = answers
+    conv.tokens = tokens
     conv.document = document

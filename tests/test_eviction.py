@@ -9,7 +9,7 @@ from conftest import make_llm, random_tokens
 from l2kv_cpp import _lib, cache
 from l2kv_cpp.config import L2KVConfig, Policy
 from l2kv_cpp.decode import decode, logits_ith
-from l2kv_cpp.errors import InvalidParamsError, UnsupportedModelError
+from l2kv_cpp.errors import InvalidParamsError, NativeCallError, UnsupportedModelError
 from l2kv_cpp.session import ggml_type_id
 
 
@@ -248,6 +248,10 @@ def test_cache_operations_after_an_eviction(tiny_model):
         before = cache.stats(llm.ctx)
         assert not llama_cpp.llama_memory_seq_rm(mem, 0, 10, 20)
         assert cache.stats(llm.ctx) == before
+        # so is removing everything from a position inside it on: the kept entries before it (the sinks at
+        # 0..3) must stay, although every compacted cell has a virtual position above it
+        assert not llama_cpp.llama_memory_seq_rm(mem, 0, 10, -1)
+        assert cache.stats(llm.ctx) == before
         # shifts are refused
         assert not llama_cpp.llama_memory_can_shift(mem)
         llama_cpp.llama_memory_seq_add(mem, 0, 0, -1, -5)
@@ -262,5 +266,29 @@ def test_cache_operations_after_an_eviction(tiny_model):
         assert (st.n_cells_used, st.n_cells_compacted, st.pos_max) == (0, 0, -1)
         decode(llm, random_tokens(20, seed=2), 0)
         assert cache.stats(llm.ctx).pos_max == 19
+    finally:
+        llm.close()
+
+
+def test_set_n_sink_protects_the_first_positions_from_the_next_eviction_on(tiny_model):
+    """keep-high-norm would drop low positions by score alone; after set_n_sink(20) positions 0..19 survive
+    every eviction in every layer and head, and an impossible value is refused with the reason."""
+    from l2kv_cpp._ffi import native
+
+    llm = make_llm(tiny_model, n_ctx=256, n_batch=32)
+    try:
+        with pytest.raises(NativeCallError, match="not enabled"):
+            cache.set_n_sink(llm.ctx, 8)
+        cache.enable(llm.ctx, L2KVConfig(kv_budget=64, n_sink=0, n_recent=8, policy="keep-high-norm", skip_layers=()))
+        with pytest.raises(InvalidParamsError):
+            cache.set_n_sink(llm.ctx, 56)  # 56 + 8 is not < 64
+        assert "must be < kv_budget" in native().ffi.string(native().lib.llama_l2kv_last_error()).decode()
+        cache.set_n_sink(llm.ctx, 20)
+        decode(llm, random_tokens(300, seed=3), 0)
+        assert cache.stats(llm.ctx).n_evictions >= 3
+        for il in range(cache.stats(llm.ctx).n_layers):
+            _, pos = cache.read_layer(llm.ctx, il)
+            for head in range(pos.shape[1]):
+                assert set(range(20)) <= set(pos[:, head].tolist()), (il, head)
     finally:
         llm.close()

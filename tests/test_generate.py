@@ -110,10 +110,11 @@ def test_conversation_only_appends_to_the_cache(tiny_model):
             out = list(conv.ask(turn, GREEDY, 6))
             assert m.n_past > before
             assert out[-1].finish_reason in ("length", "stop")
-        assert len(conv.messages) == 4
-        assert conv.fed_text.startswith("first question")
+        assert len(conv.messages) == 4 and len(conv.tokens) == m.n_past
+        first = m.tokenize("first question", add_bos=m.add_bos, special=False)
+        assert conv.tokens[: len(first)] == first
         conv.reset()
-        assert m.n_past == 0 and conv.fed_text == "" and m.stats().n_cells_used == 0
+        assert m.n_past == 0 and conv.tokens == [] and m.stats().n_cells_used == 0
 
 
 def test_document_then_question_far_longer_than_the_budget(tiny_model):

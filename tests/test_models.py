@@ -16,7 +16,7 @@ from l2kv_cpp.errors import ModelError
 from l2kv_cpp.generate import generate
 from l2kv_cpp.models import DEFAULT_MODEL, GEMMA3_270M, KNOWN_MODELS, SMOLLM2, model_status, resolve_model
 from l2kv_cpp.sampling import SamplingSettings
-from l2kv_cpp.session import L2KVModel, ModelSettings
+from l2kv_cpp.session import L2KVModel, ModelSettings, open_tokenizer
 
 
 def test_default_model_is_smollm2():
@@ -97,7 +97,9 @@ def _ask(path, text: str, n: int, chat: bool | None = None) -> tuple[str, Conver
 def test_smollm2_answers_through_its_chat_template(smollm2_path):
     out, conv = _ask(smollm2_path, "Remember this: the secret word is 'pineapple'. What is the secret word?", 24)
     assert conv.chat
-    assert conv.fed_text.startswith("<|im_start|>system")  # the ChatML template, with its default system turn
+    with open_tokenizer(smollm2_path) as tok:
+        system_turn = tok.tokenize("<|im_start|>system", special=True)
+    assert conv.tokens[: len(system_turn)] == system_turn  # the ChatML template, with its default system turn
     assert "pineapple" in out.lower()
 
 

@@ -23,7 +23,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define LLAMA_L2KV_ABI_VERSION 7
+#define LLAMA_L2KV_ABI_VERSION 8
 
 #ifdef __cplusplus
 extern "C" {
@@ -169,6 +169,12 @@ extern "C" {
 
     // evict down to kv_budget now if more entries are held (normally this happens when the cache is full)
     LLAMA_API int32_t llama_l2kv_evict_now(struct llama_context * ctx);
+
+    // change n_sink on an enabled context, from the next eviction on: e.g. a chat protects its rendered
+    // system turn, whose length is known once the template is rendered (as llama.cpp's --keep protects the
+    // initial prompt); n_sink + n_recent must stay < kv_budget. Positions an earlier eviction dropped stay
+    // dropped
+    LLAMA_API int32_t llama_l2kv_set_n_sink(struct llama_context * ctx, uint32_t n_sink);
 
     // copy the raw bytes of K (kind 0) or V (kind 1) of model layer il, cells [cell0, cell0 + n_cells), into dst
     // layout: [cell][row bytes], exactly as stored (any cache type); works with eviction on or off

@@ -1097,8 +1097,9 @@ bool llama_kv_cache_l2::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) 
     if (p0 > p_comp_max) {
         return true; // only entries added after the last compaction
     }
-    const llama_pos p_min = cells().seq_pos_min(0);
-    if (p0 <= p_min && p1 == std::numeric_limits<llama_pos>::max()) {
+    // compacted cells hold virtual positions, so the cells' smallest position says nothing about the
+    // true ones (the sinks keep position 0): only a removal from position 0 on takes every entry
+    if (p0 == 0 && p1 == std::numeric_limits<llama_pos>::max()) {
         on_clear(); // everything goes
         return true;
     }

@@ -364,6 +364,24 @@ int32_t llama_l2kv_evict_now(struct llama_context * ctx) {
     return l2->failed ? LLAMA_L2KV_STATUS_COMPUTE_FAILED : LLAMA_L2KV_STATUS_OK;
 }
 
+int32_t llama_l2kv_set_n_sink(struct llama_context * ctx, uint32_t n_sink) {
+    llama_l2kv_clear_error();
+    if (ctx == nullptr) {
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    llama_kv_cache_l2 * l2 = llama_l2kv_get_enabled(ctx, __func__);
+    if (l2 == nullptr) {
+        return LLAMA_L2KV_STATUS_NOT_ENABLED;
+    }
+    if ((uint64_t) n_sink + l2->params.n_recent >= l2->params.kv_budget) {
+        llama_l2kv_error("%s: n_sink (%u) + n_recent (%u) must be < kv_budget (%u)\n", __func__, n_sink,
+                l2->params.n_recent, l2->params.kv_budget);
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    l2->params.n_sink = n_sink; // read by every eviction's selection; nothing else depends on it
+    return LLAMA_L2KV_STATUS_OK;
+}
+
 int64_t llama_l2kv_read_kv(struct llama_context * ctx, int32_t il, int32_t kind, int32_t cell0, int32_t n_cells, void * dst, size_t dst_size) {
     llama_l2kv_clear_error();
     if (ctx == nullptr || dst == nullptr || (kind != 0 && kind != 1) || cell0 < 0 || n_cells < 0) {
