@@ -90,7 +90,7 @@ class Conversation:
         n = len(self._tokenize(text[: text.index(_NEXT_MARK)], at_start=True))
         limit = l2kv.kv_budget - l2kv.n_recent - 1
         if n > limit:
-            log.warning("the system turn (%d tokens) does not fit the budget: only its first %d are protected", n, limit)
+            log.warning("the system turn (%d tokens) does not fit the budget: its first %d are protected", n, limit)
             n = limit
         if n > self.n_sink:
             cache.set_n_sink(self.model.llm.ctx, n)

@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama_cpp  # noqa: E402,F401  (load libllama before numpy-heavy modules, see l2kv_cpp/_lib.py)
 
 from l2kv_cpp.eval import niah, passkey, report  # noqa: E402
+from l2kv_cpp.eval.qa import POLICIES, PROTOCOL  # noqa: E402
 from l2kv_cpp.eval.results import ResultStore  # noqa: E402
-from l2kv_cpp.eval.tasks import compressions, run_niah, run_passkey, run_ppl  # noqa: E402
+from l2kv_cpp.eval.tasks import compressions, run_niah, run_passkey, run_ppl, uses_chat  # noqa: E402
 from l2kv_cpp.models import resolve_model  # noqa: E402
 from l2kv_cpp.tiny_model import TinyModelConfig, write_tiny_model  # noqa: E402
 from l2kv_cpp.upstream import cache_dir  # noqa: E402
@@ -83,6 +84,14 @@ def main() -> int:
     ap.add_argument("--grid", default="default", choices=sorted(GRIDS))
     ap.add_argument("--results", type=Path, default=Path("results"))
     ap.add_argument("--docs", type=Path, default=Path("docs/results"))
+    ap.add_argument("--cache-types", default="f16,q8_0,q4_0", help="K/V cache types, each with every policy")
+    ap.add_argument(
+        "--keep-system",
+        default="on",
+        choices=("on", "off", "both"),
+        help="chat models: protect the rendered system turn (the default) or not (n_sink 4), or run both",
+    )
+    ap.add_argument("--policies", default=",".join(POLICIES), help="policies to run (default: all)")
     args = ap.parse_args()
 
     if args.model == "tiny":
@@ -90,13 +99,22 @@ def main() -> int:
     grid = GRIDS[args.grid]
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     model_name = resolve_model(args.model).name
+    variants = {
+        "policies": tuple(p.strip() for p in args.policies.split(",") if p.strip()),
+        "cache_types": tuple(t.strip() for t in args.cache_types.split(",") if t.strip()),
+        # no template, no system turn: only the default runs
+        "keep_system": {"on": (True,), "off": (False,), "both": (True, False)}[args.keep_system]
+        if uses_chat(resolve_model(args.model))
+        else (True,),
+    }
     t0 = time.time()
     for task in tasks:
         store = ResultStore(args.results / f"{task}.jsonl")
         if task == "passkey":
-            run_passkey(args.model, grid["passkey"], compressions(grid["passkey_keeps"]), store)
+            comps = compressions(grid["passkey_keeps"], **variants)
+            run_passkey(args.model, grid["passkey"], comps, store)
         elif task == "niah":
-            run_niah(args.model, grid["niah"], compressions(grid["niah_keeps"]), store)
+            run_niah(args.model, grid["niah"], compressions(grid["niah_keeps"], **variants), store)
         elif task == "ppl":
             run_ppl(args.model, grid["ppl_tokens"], compressions(grid["ppl_keeps"]), store)
         else:
@@ -107,7 +125,9 @@ def main() -> int:
         records = [
             r
             for r in store.records()
-            if r["config"]["keep"] in keeps and (not cases or any(c.items() <= r["config"].items() for c in cases))
+            if r["config"]["keep"] in keeps
+            and (not cases or any(c.items() <= r["config"].items() for c in cases))
+            and (task == "ppl" or r["config"]["protocol"] == PROTOCOL)  # protocol v1 records are void
         ]
         stem = f"{Path(model_name).stem}-{task}" + ("" if args.grid == "default" else f"-{args.grid}")
         if task == "ppl":
@@ -117,6 +137,8 @@ def main() -> int:
         else:
             table = report.accuracy_table(records, task, model_name)
             report.plot_accuracy(records, task, model_name, args.docs / f"{stem}.png")
+            report.plot_accuracy_vs_memory(records, task, model_name, args.docs / f"{stem}-memory.png")
+            table += "\n\nAnswers against KV memory:\n\n" + report.memory_table(records, task, model_name)
             if task == "niah":
                 keep = 0.5 if 0.5 in grid["niah_keeps"] else grid["niah_keeps"][0]
                 report.plot_needle_heatmaps(records, model_name, keep, args.docs / f"{stem}-heatmap.png")

@@ -37,47 +37,131 @@ def _by(records: Iterable[dict[str, Any]], task: str, model: str) -> list[dict[s
     return [r for r in records if r["task"] == task and r["model"] == model]
 
 
+Variant = tuple[str, str, bool]  # (policy, cache type, keep_system)
+CACHE_TYPES = ("f16", "q8_0", "q4_0")  # the evaluation's cache types, in order of bytes (qa.CACHE_TYPE_BYTES)
+
+
+def variant(config: dict[str, Any]) -> Variant:
+    """What a record's row is: its policy, cache type and system-turn protection (records of protocol v1
+    have neither: f16, and n_sink 4 without keep_system)."""
+    return config["policy"], config.get("cache_type", "f16"), bool(config.get("keep_system", False))
+
+
+def variant_label(v: Variant, chat: bool = True) -> str:
+    policy, cache_type, keep_system = v
+    label = LABELS[policy]
+    if cache_type != "f16":
+        label += f", {cache_type} cache"
+    if chat and policy != "full" and not keep_system:
+        label += ", n_sink 4 (system turn evictable)"
+    return label
+
+
+def _variants(cells: Iterable[Variant]) -> list[Variant]:
+    """Full cache rows first, then every policy; within each, by cache type, keep_system first."""
+    order = {p: i for i, p in enumerate(("full", *POLICIES))}
+    return sorted(set(cells), key=lambda v: (v[0] != "full", CACHE_TYPES.index(v[1]), order[v[0]], not v[2]))
+
+
 def accuracy_table(records: Iterable[dict[str, Any]], task: str, model: str) -> str:
-    """Mean score per policy (rows) and keep ratio (columns); the full cache as its own row."""
+    """Mean score per variant (rows: full caches, then policy x cache type) and keep ratio (columns)."""
     recs = _by(records, task, model)
-    cells: dict[tuple[str, float], list[float]] = defaultdict(list)
+    chat = any(r["config"].get("chat") for r in recs)
+    cells: dict[tuple[Variant, float], list[float]] = defaultdict(list)
     for r in recs:
-        c = r["config"]
-        cells[(c["policy"], c["keep"])].append(r["score"])
-    keeps = sorted({k for (p, k) in cells if p != "full"}, reverse=True)
+        cells[(variant(r["config"]), r["config"]["keep"])].append(r["score"])
+    keeps = sorted({k for (v, k) in cells if v[0] != "full"}, reverse=True)
     rows = []
-    if any(p == "full" for p, _ in cells):
-        full = np.mean(cells[("full", 1.0)])
-        rows.append([LABELS["full"]] + [f"{full:.2f}"] * len(keeps) + [len(cells[("full", 1.0)])])
-    for p in POLICIES:
-        if any(pp == p for pp, _ in cells):
-            vals = [f"{np.mean(cells[(p, k)]):.2f}" if cells.get((p, k)) else "-" for k in keeps]
-            rows.append([LABELS[p]] + vals + [len(cells.get((p, keeps[0]), []))])
+    for v in _variants(v for v, _ in cells):
+        if v[0] == "full":
+            full = cells[(v, 1.0)]
+            rows.append([variant_label(v, chat)] + [f"{np.mean(full):.2f}"] * len(keeps) + [len(full)])
+        else:
+            vals = [f"{np.mean(cells[(v, k)]):.2f}" if cells.get((v, k)) else "-" for k in keeps]
+            rows.append([variant_label(v, chat)] + vals + [max(len(cells.get((v, k), [])) for k in keeps)])
     headers = ["policy"] + [f"keep {int(k * 100)}%" for k in keeps] + ["cases"]
     return tabulate(rows, headers=headers, tablefmt="github")
 
 
+def memory_table(records: Iterable[dict[str, Any]], task: str, model: str) -> str:
+    """Answers against KV memory: every (variant, keep) with its mean KV memory when the question arrives
+    (% of a full f16 cache of the same tokens, key norms included) and its mean score, most memory first."""
+    recs = [r for r in _by(records, task, model) if "kv_fraction" in r]
+    chat = any(r["config"].get("chat") for r in recs)
+    cells: dict[tuple[Variant, float], list[dict[str, Any]]] = defaultdict(list)
+    for r in recs:
+        cells[(variant(r["config"]), r["config"]["keep"])].append(r)
+    rows = []
+    for (v, keep), rs in cells.items():
+        mem = 100 * float(np.mean([r["kv_fraction"] for r in rs]))
+        score = float(np.mean([r["score"] for r in rs]))
+        rows.append((mem, score, variant_label(v, chat), keep, len(rs)))
+    rows.sort(key=lambda x: (-x[0], -x[1]))
+    table = [[f"{m:.1f}%", label, "-" if v_keep == 1.0 else f"{int(v_keep * 100)}%", f"{sc:.2f}", n]
+             for m, sc, label, v_keep, n in rows]  # fmt: skip
+    return tabulate(table, headers=["KV memory", "cache", "entries kept", "score", "cases"], tablefmt="github")
+
+
 def plot_accuracy(records: Iterable[dict[str, Any]], task: str, model: str, out: Path) -> Path:
+    """Score against the fraction evicted, f16 caches (the policies' comparison)."""
     plt = pyplot()
 
-    recs = _by(records, task, model)
+    recs = [r for r in _by(records, task, model) if variant(r["config"])[1] == "f16"]
+    chat = any(r["config"].get("chat") for r in recs)
     fig, ax = plt.subplots(figsize=(6, 4))
-    full = [r["score"] for r in recs if r["config"]["policy"] == "full"]
-    if full:
-        ax.axhline(np.mean(full), color="black", ls="--", label=LABELS["full"])
-    for p in POLICIES:
+    for v in _variants(variant(r["config"]) for r in recs):
         pts: dict[float, list[float]] = defaultdict(list)
         for r in recs:
-            if r["config"]["policy"] == p:
+            if variant(r["config"]) == v:
                 pts[r["config"]["keep"]].append(r["score"])
-        if pts:
-            ks = sorted(pts)
-            ax.plot([100 * (1 - k) for k in ks], [np.mean(pts[k]) for k in ks], marker="o", label=LABELS[p])
+        if v[0] == "full":
+            ax.axhline(np.mean(pts[1.0]), color="black", ls="--", label=variant_label(v, chat))
+            continue
+        ks = sorted(pts)
+        ls = "-" if v[2] or not chat else ":"
+        ax.plot(
+            [100 * (1 - k) for k in ks], [np.mean(pts[k]) for k in ks], marker="o", ls=ls, label=variant_label(v, chat)
+        )
     ax.set_xlabel("KV entries evicted (%)")
     ax.set_ylabel("mean score")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title(f"{task}: {model}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_accuracy_vs_memory(records: Iterable[dict[str, Any]], task: str, model: str, out: Path) -> Path:
+    """Score against KV memory (% of a full f16 cache): one line per policy and cache type through its keep
+    ratios, the full caches as black points; what a user compares with -ctk/-ctv q8_0|q4_0 in stock llama.cpp."""
+    plt = pyplot()
+
+    recs = [r for r in _by(records, task, model) if "kv_fraction" in r]
+    chat = any(r["config"].get("chat") for r in recs)
+    styles = {"f16": ("-", "o"), "q8_0": ("--", "s"), "q4_0": (":", "^")}
+    colors = {p: f"C{i}" for i, p in enumerate(POLICIES)}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for v in _variants(variant(r["config"]) for r in recs):
+        if chat and v[0] != "full" and not v[2]:
+            continue  # the system-turn A/B is in the tables
+        rs = [r for r in recs if variant(r["config"]) == v]
+        keeps = sorted({r["config"]["keep"] for r in rs})
+        xs = [100 * np.mean([r["kv_fraction"] for r in rs if r["config"]["keep"] == k]) for k in keeps]
+        ys = [np.mean([r["score"] for r in rs if r["config"]["keep"] == k]) for k in keeps]
+        ls, marker = styles[v[1]]
+        if v[0] == "full":
+            ax.plot(xs, ys, marker=marker, color="black", ls="none", ms=8, label=variant_label(v, chat))
+        else:
+            ax.plot(xs, ys, marker=marker, ls=ls, color=colors[v[0]], ms=4, label=variant_label(v, chat))
+    ax.set_xlabel("KV memory when the question arrives (% of a full f16 cache)")
+    ax.set_ylabel("mean score")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlim(0, 105)
+    ax.set_title(f"{task}: answers vs KV memory, {model}", fontsize=9)
+    ax.legend(fontsize=5, ncol=2)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -89,7 +173,10 @@ def plot_needle_heatmaps(records: Iterable[dict[str, Any]], model: str, keep: fl
     """One heatmap per policy (context length x needle depth), like the paper's needle figures."""
     plt = pyplot()
 
-    recs = _by(records, "niah", model)
+    def main_row(c: dict[str, Any]) -> bool:  # f16, with the product's system-turn protection
+        return variant(c)[1] == "f16" and (variant(c)[2] or c["policy"] == "full" or not c.get("chat"))
+
+    recs = [r for r in _by(records, "niah", model) if main_row(r["config"])]
     policies = ["full"] + [p for p in POLICIES if any(r["config"]["policy"] == p for r in recs)]
     lengths = sorted({r["config"]["n_tokens"] for r in recs})
     depths = sorted({r["config"]["depth"] for r in recs})

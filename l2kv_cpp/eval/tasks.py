@@ -28,10 +28,23 @@ Log = Callable[[str], None]
 
 
 def compressions(
-    keeps: Iterable[float] = KEEP_RATIOS, policies: Iterable[str] = POLICIES, **kwargs: Any
+    keeps: Iterable[float] = KEEP_RATIOS,
+    policies: Iterable[str] = POLICIES,
+    cache_types: Iterable[str] = ("f16",),
+    keep_system: Iterable[bool] = (True,),
+    **kwargs: Any,
 ) -> list[Compression]:
-    out = [Compression("full", 1.0)]
-    out += [Compression(p, k, **kwargs) for k in keeps for p in policies]
+    """The full cache in every cache type, then every policy at every keep ratio in every cache type (and
+    with and without the system turn protected, when keep_system holds both)."""
+    types, systems = list(cache_types), list(keep_system)
+    out = [Compression("full", 1.0, cache_type=t) for t in types]
+    out += [
+        Compression(p, k, cache_type=t, keep_system=ks, **kwargs)
+        for t in types
+        for ks in systems
+        for k in keeps
+        for p in policies
+    ]
     return out
 
 
