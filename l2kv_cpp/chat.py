@@ -218,7 +218,10 @@ class Conversation:
         prefix = marked.text[: marked.text.index(_NEXT_MARK)]
         if next_text is None:
             own = self._tokenize(prefix, at_start=not marked.head)
-            n = stable_prefix_len(lambda t: self._tokenize(t, at_start=not marked.head), prefix, own)
+            bos = int(not marked.head and bool(own) and self.model.add_bos and own[0] == self.model.llm.token_bos())
+            n = stable_prefix_len(
+                lambda t: self._tokenize(t, at_start=False), prefix, own, self.model.token_pieces(own), skip=bos
+            )
             return marked.head + own, len(marked.head) + n
         whole = self._turn_tokens(self._pieces(self._user_content(next_text)))
         n = tokens_within(self.model.token_pieces(whole.tail), whole.text, prefix, skip=self._n_bos(whole))

@@ -198,6 +198,12 @@ def _eviction_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "L2 rule, hybrid merges the two (docs/design.md)",
         ),
         click.option("--n-sink", default=d.n_sink, show_default=True, type=int, help="first tokens never evicted"),
+        click.option(
+            "--keep-system/--no-keep-system",
+            default=d.keep_system,
+            show_default=True,
+            help="chat: never evict the rendered system turn (n-sink raised to its length, like llama.cpp's --keep)",
+        ),
         click.option("--n-recent", default=d.n_recent, show_default=True, type=int, help="newest tokens never evicted"),
         click.option(
             "--per-head/--per-layer",

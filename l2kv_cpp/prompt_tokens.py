@@ -28,21 +28,60 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def stable_prefix_len(tokenize: Callable[[str], list[int]], text: str, tokens: Sequence[int] | None = None) -> int:
-    """How many leading tokens of tokenize(text) stay the same when more text follows it.
+def stable_prefix_len(
+    tokenize: Callable[[str], list[int]],
+    text: str,
+    tokens: Sequence[int],
+    pieces: Sequence[bytes] | None = None,
+    skip: int = 0,
+    window: int = 1024,
+) -> int:
+    """How many leading tokens of `tokens` (the tokens of `text`) stay the same when more text follows it.
 
-    Checked against CONTINUATIONS: the tokens after that point may merge with what comes next and
-    are held back until it is known (a continuation not in the set that changes more is caught by
-    the caller comparing the whole prompt's tokens with what it fed).
+    Checked against CONTINUATIONS: the tokens after that point may merge with what comes next and are
+    held back until it is known (a continuation not in the set that changes more is caught by the caller
+    comparing the whole prompt's tokens with what it fed). tokenize(t) must not add a BOS; the first
+    `skip` tokens are not part of the text (a BOS). With `pieces` (every token's bytes), only the text's
+    last `window` bytes or so are tokenized again, from a token boundary where that gives the same tokens.
     """
-    if tokens is None:
-        tokens = tokenize(text)
-    n = len(tokens)
+    start, tail = _tail(tokenize, text, tokens, pieces, skip, window)
+    own = tokens[start:]
+    n = len(own)
     for c in CONTINUATIONS:
-        n = min(n, common_prefix_len(tokens, tokenize(text + c)))
+        n = min(n, common_prefix_len(own, tokenize(tail + c)))
         if n == 0:
             break
-    return n
+    return start + n
+
+
+def _tail(
+    tokenize: Callable[[str], list[int]],
+    text: str,
+    tokens: Sequence[int],
+    pieces: Sequence[bytes] | None,
+    skip: int,
+    window: int,
+) -> tuple[int, str]:
+    """(i, t): tokens[i:] are the tokens of t, the end of `text` from a token boundary about `window` bytes
+    before its end (verified); (skip, text) when no such boundary is found."""
+    data = text.encode()
+    if pieces is None or b"".join(pieces[skip:]) != data:
+        return skip, text
+    offset, i = len(data), len(tokens)
+    while i > skip and len(data) - offset < window:
+        i -= 1
+        offset -= len(pieces[i])
+    while i > skip:
+        try:
+            tail = data[offset:].decode()  # a boundary inside a UTF-8 character does not decode
+        except UnicodeDecodeError:
+            i -= 1
+            offset -= len(pieces[i])
+            continue
+        if tokenize(tail) == list(tokens[i:]):
+            return i, tail
+        break
+    return skip, text
 
 
 def tokens_within(pieces: Sequence[bytes], text: str, prefix: str, skip: int = 0) -> int | None:

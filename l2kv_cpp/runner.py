@@ -56,6 +56,7 @@ def settings_from_options(opts: dict[str, Any]) -> dict[str, Any]:
         n_slack=opts["kv_slack"],
         n_sink=opts["n_sink"],
         n_recent=opts["n_recent"],
+        keep_system=opts["keep_system"],
         policy=opts["policy"],
         per_head=opts["per_head"],
         skip_layers=skip_layers,
@@ -162,12 +163,13 @@ def read_document(file: str) -> str:
         raise InvalidParamsError(f"-f/--file: cannot read {path}: {exc.strerror}") from None
 
 
-def stats_text(model: L2KVModel, last: GenerationResponse | None, prompt_tps: float) -> str:
+def stats_text(model: L2KVModel, last: GenerationResponse | None, prompt_tps: float, n_sink: int = 0) -> str:
     st = model.stats()
     mem = model.memory_report()
     slack = model.l2kv.slack(model.settings.n_batch) if model.l2kv else 0
     lines = [
         f"cells in use   {st.n_cells_used} (budget {st.kv_budget} + slack {slack}; buffer {st.kv_size} cells)",
+        f"never evicted  the first {n_sink} tokens and the newest {model.l2kv.n_recent if model.l2kv else 0}",
         f"KV memory      {mem['kv_mib']:.1f} MiB now vs {mem['full_cache_mib']:.1f} MiB for a full cache of "
         f"{int(mem['tokens_seen'])} tokens",
         f"evictions      {st.n_evictions} ({st.n_dropped} entries dropped per layer and head, "
@@ -314,7 +316,7 @@ def interactive(conv: Conversation, sampling: SamplingSettings, n_predict: int) 
         if cmd in ("/exit", "/quit"):
             break
         if cmd == "/stats":
-            print(stats_text(m, last, conv.last_prompt_tokens_per_second))
+            print(stats_text(m, last, conv.last_prompt_tokens_per_second, conv.n_sink))
             continue
         if cmd == "/reset":
             conv.reset()

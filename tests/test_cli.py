@@ -256,6 +256,15 @@ def test_session_errors_are_one_line_and_keep_the_file(tiny_model, tmp_path):
         res = invoke("run", str(other), "-p", "abc", "--session", str(session), *TINY_RUN)
         assert res.exit_code == 1 and message in res.output and len(res.output.strip().splitlines()) == 1
         assert session.read_bytes() == damaged
+    # a version 1 file (the conversation as text) is refused by name and kept
+    import struct
+
+    v1 = b"L2KVSESS" + struct.pack("<II", 1, 2) + b"{}"
+    session.write_bytes(v1)
+    res = invoke("run", str(other), "-p", "abc", "--session", str(session), *TINY_RUN)
+    assert res.exit_code == 1 and "saved by an older l2kv-cpp" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert session.read_bytes() == v1
 
 
 def test_ctrl_c_inside_a_ctypes_callback_is_not_lost():

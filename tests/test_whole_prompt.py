@@ -54,8 +54,23 @@ def test_stable_prefix_holds_back_what_a_continuation_changes():
                 out.append(1000 if ch == "\n" else ord(ch))
         return out
 
-    assert stable_prefix_len(tokenize, "ab\n\n") == 2
-    assert stable_prefix_len(tokenize, "abc") == 3
+    def pieces(tokens: list[int]) -> list[bytes]:
+        return [("\n" * (t - 999) if t >= 1000 else chr(t)).encode() for t in tokens]
+
+    for text, stable in (("ab\n\n", 2), ("abc", 3), ("x" * 3000 + "ab\n\n\n", 3002)):
+        tokens = tokenize(text)
+        assert stable_prefix_len(tokenize, text, tokens) == stable
+        assert stable_prefix_len(tokenize, text, tokens, pieces(tokens), window=16) == stable  # the tail only
+        seen: list[int] = []
+
+        def counting(t: str, seen: list[int] = seen) -> list[int]:
+            seen.append(len(t))
+            return tokenize(t)
+
+        stable_prefix_len(counting, text, tokens, pieces(tokens), window=16)
+        assert max(seen) < 32 or len(text) < 32  # only the tail was tokenized again
+        with_bos = [1, *tokens]  # a BOS in front, not part of the text
+        assert stable_prefix_len(tokenize, text, with_bos, [b"<s>", *pieces(tokens)], skip=1, window=16) == stable + 1
 
 
 def test_tokens_within_counts_tokens_inside_the_prefix():
