@@ -425,6 +425,18 @@ def _eval_common(fn: Callable[..., Any]) -> Callable[..., Any]:
             is_flag=True,
             help="compress the question with the document (default: append it after compression)",
         ),
+        click.option(
+            "--cache-types",
+            default="f16",
+            show_default=True,
+            help="passkey/niah: K/V cache types to run every setting in (f16, q8_0, q4_0)",
+        ),
+        click.option(
+            "--keep-system/--no-keep-system",
+            default=d.keep_system,
+            show_default=True,
+            help="chat models: never evict the rendered system turn",
+        ),
     )(fn)
 
 
@@ -435,13 +447,24 @@ def _floats(text: str, name: str) -> list[float]:
         raise click.BadParameter(f"{name} must be comma-separated numbers (got {text!r})") from None
 
 
-def _comps(keeps: str, policies: str, n_sink: int, n_recent: int):
+def _comps(keeps: str, policies: str, n_sink: int, n_recent: int, cache_types: str = "f16", keep_system: bool = True):
+    from .eval.qa import CACHE_TYPE_BYTES
     from .eval.tasks import compressions
 
     ks = _floats(keeps, "--keep")
     if any(not 0 < k <= 1 for k in ks):
         raise click.BadParameter(f"--keep values must be in (0, 1] (got {keeps})")
-    return compressions(ks, [p.strip() for p in policies.split(",") if p.strip()], n_sink=n_sink, n_recent=n_recent)
+    types = [t.strip() for t in cache_types.split(",") if t.strip()]
+    if not types or any(t not in CACHE_TYPE_BYTES for t in types):
+        raise click.BadParameter(f"--cache-types must be among {', '.join(CACHE_TYPE_BYTES)} (got {cache_types!r})")
+    return compressions(
+        ks,
+        [p.strip() for p in policies.split(",") if p.strip()],
+        cache_types=types,
+        keep_system=(keep_system,),
+        n_sink=n_sink,
+        n_recent=n_recent,
+    )
 
 
 @eval_group.command("passkey")
@@ -458,6 +481,8 @@ def eval_passkey(
     n_recent: int,
     out: str,
     question_first: bool,
+    cache_types: str,
+    keep_system: bool,
     n_junk: int,
     depths: str,
     seeds: int,
@@ -473,7 +498,7 @@ def eval_passkey(
     run_passkey(
         model,
         cases,
-        _comps(keeps, policies, n_sink, n_recent),
+        _comps(keeps, policies, n_sink, n_recent, cache_types, keep_system),
         ResultStore(Path(out) / "passkey.jsonl"),
         log=click.echo,
         question_first=question_first,
@@ -493,6 +518,8 @@ def eval_niah(
     n_recent: int,
     out: str,
     question_first: bool,
+    cache_types: str,
+    keep_system: bool,
     lengths: str,
     depths: str,
 ) -> None:
@@ -507,7 +534,7 @@ def eval_niah(
     run_niah(
         model,
         cases,
-        _comps(keeps, policies, n_sink, n_recent),
+        _comps(keeps, policies, n_sink, n_recent, cache_types, keep_system),
         ResultStore(Path(out) / "niah.jsonl"),
         log=click.echo,
         question_first=question_first,
@@ -526,11 +553,15 @@ def eval_ppl(
     n_recent: int,
     out: str,
     question_first: bool,
+    cache_types: str,
+    keep_system: bool,
     n_tokens: int,
 ) -> None:
     """Perplexity on the essays as the cache streams and evicts, with KL divergence against a full cache."""
     if question_first:
         raise click.UsageError("--question-first applies to passkey and niah (perplexity has no question)")
+    if cache_types != "f16":
+        raise click.UsageError("--cache-types applies to passkey and niah (perplexity runs in f16)")
     from pathlib import Path
 
     from .eval.results import ResultStore

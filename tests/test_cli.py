@@ -295,3 +295,11 @@ def test_ctrl_c_inside_a_ctypes_callback_is_not_lost():
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # an ignored Ctrl-C stays ignored
     finally:
         signal.signal(signal.SIGINT, outer)
+
+
+def test_eval_cache_types_are_checked(tiny_model, tmp_path):
+    res = invoke("eval", "passkey", str(tiny_model), "--cache-types", "q3_k", "--out", str(tmp_path))
+    assert res.exit_code == 2 and "--cache-types must be among f16, q8_0, q4_0" in res.output
+    res = invoke("eval", "ppl", str(tiny_model), "--cache-types", "q8_0", "--out", str(tmp_path))
+    assert res.exit_code == 2 and "applies to passkey and niah" in res.output
+    assert not (tmp_path / "passkey.jsonl").exists() and not (tmp_path / "ppl.jsonl").exists()
