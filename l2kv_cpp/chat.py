@@ -76,6 +76,7 @@ class Conversation:
         if self.system and self.chat:
             self.messages.append({"role": "system", "content": self.system})
         self._formatter = None
+        self._piece_tokens: dict[tuple[str, bool], list[int]] = {}  # (text piece, at start) -> its tokens
         self.n_sink = self.model.l2kv.n_sink if self.model.l2kv is not None else 0  # first positions never evicted
         self._protect_system_turn()
 
@@ -151,8 +152,14 @@ class Conversation:
 
     def _turn_tokens(self, pieces: list[Piece]) -> TurnTokens:
         head: list[int] = []
+        known, self._piece_tokens = self._piece_tokens, {}
         for p in pieces[:-1]:
-            head += p if isinstance(p, list) else (self._tokenize(p, at_start=not head) if p else [])
+            if isinstance(p, list):
+                head += p
+            elif p:  # earlier turns repeat every turn: their tokens are kept from the last render
+                key = (p, not head)
+                self._piece_tokens[key] = known[key] if key in known else self._tokenize(p, at_start=not head)
+                head += self._piece_tokens[key]
         last = pieces[-1]
         assert isinstance(last, str)  # the split always ends with text, possibly empty
         return TurnTokens(head, last, self._tokenize(last, at_start=not head) if last else [])
@@ -168,10 +175,12 @@ class Conversation:
         """Bring the cache to `target`: keep the common prefix, go back to where they diverge, feed the
         rest. need_logits: the last token is decoded again when nothing new is left to feed. Returns the
         tokens fed. On Ctrl-C the cache keeps what was fed (the next turn goes on from there)."""
-        n = common_prefix_len(self.tokens, target)
+        # the cache holds model.n_past tokens; only those this conversation knows can be kept (a decode
+        # interrupted in the middle of an answer may leave one it does not)
+        n = common_prefix_len(self.tokens[: self.model.n_past], target)
         if need_logits and target and n == len(target):
             n -= 1  # the logits of the last decode may belong to another token
-        if n < len(self.tokens):
+        if n < self.model.n_past:
             if self.model.rewind(n):
                 del self.tokens[n:]
             else:

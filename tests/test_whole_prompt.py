@@ -314,3 +314,17 @@ def test_the_system_turn_is_never_evicted_by_default(smollm2_path, keep_system):
                 kept_everywhere &= set(pos[:, head].tolist())
         if keep_system:  # without it, what survives is up to the policy
             assert kept_everywhere == set(range(n_prefix))
+
+
+def test_a_token_the_conversation_does_not_know_is_taken_back(tiny_model):
+    """The cache may hold a token the conversation never recorded (a decode interrupted in an answer):
+    the next turn goes back to what it knows instead of building on an unknown token."""
+    with L2KVModel(tiny_model, ModelSettings(n_batch=32, n_ubatch=32), L2KVConfig(kv_budget=64)) as m:
+        conv = Conversation(m)
+        list(conv.ask("first", GREEDY, 3))
+        known = len(conv.tokens)
+        m.feed([5])  # behind the conversation's back
+        target = conv.turn_tokens(" second")
+        list(conv.ask(" second", GREEDY, 2))
+        assert conv.tokens[: len(target)] == target and len(conv.tokens) == m.n_past
+        assert target[:known] == conv.tokens[:known] and conv.n_reevaluations == 0
