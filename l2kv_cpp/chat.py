@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,10 +36,11 @@ from .session import L2KVModel, ProgressFn
 log = logging.getLogger(__name__)
 
 # stand-ins rendered in place of an answer (its sampled tokens go there) and of the text that will
-# follow a loaded document; invisible separators so that no real text contains them
-_ANSWER_MARK = "\u2063L2KV_ANSWER_{}\u2063"
-_NEXT_MARK = "\u2063L2KV_NEXT\u2063"
-_ANSWER_SPLIT = re.compile("\u2063L2KV_ANSWER_(\\d+)\u2063")
+# follow a loaded document: invisible separators around a random tag, so that no user text matches
+_MARK_TAG = secrets.token_hex(8)
+_ANSWER_MARK = f"\u2063{_MARK_TAG}A{{}}\u2063"
+_NEXT_MARK = f"\u2063{_MARK_TAG}N\u2063"
+_ANSWER_SPLIT = re.compile(f"\u2063{_MARK_TAG}A(\\d+)\u2063")
 
 Piece = str | list[int]  # rendered text, or an answer's sampled tokens
 
@@ -164,10 +166,9 @@ class Conversation:
         assert isinstance(last, str)  # the split always ends with text, possibly empty
         return TurnTokens(head, last, self._tokenize(last, at_start=not head) if last else [])
 
-    def _n_bos(self, turn: TurnTokens) -> int:
-        """1 when the tokenizer put a BOS in front of the last text piece."""
-        bos = self.model.llm.token_bos()
-        return int(not turn.head and bool(turn.tail) and self.model.add_bos and turn.tail[0] == bos)
+    def _n_bos(self, head: Sequence[int], tail: Sequence[int]) -> int:
+        """1 when the tokenizer put a BOS in front of the last text piece (its tokens `tail`)."""
+        return int(not head and bool(tail) and self.model.add_bos and tail[0] == self.model.llm.token_bos())
 
     # the cache
 
@@ -227,13 +228,12 @@ class Conversation:
         prefix = marked.text[: marked.text.index(_NEXT_MARK)]
         if next_text is None:
             own = self._tokenize(prefix, at_start=not marked.head)
-            bos = int(not marked.head and bool(own) and self.model.add_bos and own[0] == self.model.llm.token_bos())
-            n = stable_prefix_len(
-                lambda t: self._tokenize(t, at_start=False), prefix, own, self.model.token_pieces(own), skip=bos
-            )
+            pieces = self.model.token_pieces(own)
+            tokenize = lambda t: self._tokenize(t, at_start=False)  # noqa: E731
+            n = stable_prefix_len(tokenize, prefix, own, pieces, skip=self._n_bos(marked.head, own))
             return marked.head + own, len(marked.head) + n
         whole = self._turn_tokens(self._pieces(self._user_content(next_text)))
-        n = tokens_within(self.model.token_pieces(whole.tail), whole.text, prefix, skip=self._n_bos(whole))
+        n = tokens_within(self.model.token_pieces(whole.tail), whole.text, prefix, self._n_bos(whole.head, whole.tail))
         if n is None:  # the pieces do not spell the text: as far as the prefix's own tokens agree
             n = common_prefix_len(whole.tail, self._tokenize(prefix, at_start=not whole.head))
         return whole.tokens, len(whole.head) + n
