@@ -216,9 +216,14 @@ class Conversation:
         question, when already known), exactly the whole prompt's tokens that lie inside the document
         are fed; otherwise those that no continuation changes, and the rest come with the question.
         """
-        self.document = text if self.document is None else self._user_content(text)
+        self.add_document(text)
         tokens, n = self.document_split(next_text)
         return self._sync(tokens[:n], progress, need_logits=False)
+
+    def add_document(self, text: str) -> None:
+        """Put a document before the next question without processing it now: it is read with the
+        question, as one prompt, in the same batches as llama.cpp's server or create_chat_completion."""
+        self.document = text if self.document is None else self._user_content(text)
 
     def document_split(self, next_text: str | None) -> tuple[list[int], int]:
         """(tokens, n): the conversation's tokens with the loaded document and `next_text` after it,

@@ -23,6 +23,7 @@ from .config import L2KVConfig
 from .errors import InvalidParamsError, L2KVError
 from .generate import GenerationResponse
 from .models import resolve_model
+from .prompt_tokens import common_prefix_len
 from .sampling import SamplingSettings
 from .session import L2KVModel, ModelSettings, ProgressFn
 from .session_file import load_session, save_session
@@ -249,9 +250,16 @@ def run(
             n_turns = sum(msg["role"] == "user" for msg in conv.messages)
             print(f"[resumed {session}: {m.n_past} tokens, {n_turns} turns]", file=sys.stderr)
         try:
-            if document is not None:
+            if document is not None and prompt is not None:
+                # one shot: the document is read with the question as one prompt, in the batches stock
+                # llama.cpp uses (so that the answers are the same when nothing is evicted)
+                conv.add_document(document)
+                tokens, n = conv.document_split(prompt)
+                n -= common_prefix_len(conv.tokens, tokens[:n])  # a resumed session may hold a part
+                print(f"[read {file} with the question: {n} tokens]", file=sys.stderr)
+            elif document is not None:
                 with ctrl_c_deferred() as check, progress_bar(m, "document", check) as progress:
-                    n = conv.load_document(document, progress, next_text=prompt)
+                    n = conv.load_document(document, progress)
                 print(f"[loaded {file}: {n} tokens; {m.stats().n_cells_used} KV cells in use]", file=sys.stderr)
                 note_past_training_context(m)
             if prompt is not None:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama_cpp  # noqa: E402,F401  (load libllama before numpy-heavy modules, see l2kv_cpp/_lib.py)
 
 from l2kv_cpp.eval import niah, passkey, report  # noqa: E402
-from l2kv_cpp.eval.qa import POLICIES, PROTOCOL  # noqa: E402
+from l2kv_cpp.eval.qa import POLICIES, protocol  # noqa: E402
 from l2kv_cpp.eval.results import ResultStore  # noqa: E402
 from l2kv_cpp.eval.tasks import compressions, run_niah, run_passkey, run_ppl, uses_chat  # noqa: E402
 from l2kv_cpp.models import resolve_model  # noqa: E402
@@ -127,7 +127,7 @@ def main() -> int:
             for r in store.records()
             if r["config"]["keep"] in keeps
             and (not cases or any(c.items() <= r["config"].items() for c in cases))
-            and (task == "ppl" or r["config"]["protocol"] == PROTOCOL)  # protocol v1 records are void
+            and (task == "ppl" or r["config"]["protocol"] == protocol(r["config"]["policy"]))  # v1 records are void
         ]
         stem = f"{Path(model_name).stem}-{task}" + ("" if args.grid == "default" else f"-{args.grid}")
         if task == "ppl":

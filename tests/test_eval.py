@@ -9,7 +9,7 @@ import pytest
 
 from l2kv_cpp.config import Policy
 from l2kv_cpp.eval import niah, passkey
-from l2kv_cpp.eval.qa import PROTOCOL, Compression
+from l2kv_cpp.eval.qa import PROTOCOL, PROTOCOL_FULL, Compression
 from l2kv_cpp.eval.results import ResultStore
 from l2kv_cpp.eval.tasks import compressions, run_passkey, run_ppl
 from l2kv_cpp.session import open_tokenizer
@@ -162,7 +162,7 @@ def test_niah_smoke_on_the_demo_model(tmp_path, smollm2_path):
     assert set(recs) == {"full"} | {p.cli_name for p in Policy}
     assert recs["full"]["score"] >= 0.5  # the model finds the needle with a full cache
     for p, r in recs.items():
-        assert r["score"] in (0.0, 0.5, 1.0) and r["config"]["protocol"] == PROTOCOL
+        assert r["score"] in (0.0, 0.5, 1.0) and r["config"]["protocol"] == (PROTOCOL_FULL if p == "full" else PROTOCOL)
         assert abs(r["needle_depth"] - 0.5) < 0.1
         assert (r["budget"] is None) == (p == "full")
         # KV memory at the question vs a full f16 cache: 1 for the full cache; about half (+ key norms) at keep 0.5

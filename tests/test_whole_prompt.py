@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from l2kv_cpp.chat import Conversation
 from l2kv_cpp.cli import main
 from l2kv_cpp.config import L2KVConfig
+from l2kv_cpp.eval import niah
 from l2kv_cpp.prompt_tokens import common_prefix_len, stable_prefix_len, tokens_within
 from l2kv_cpp.sampling import SamplingSettings
 from l2kv_cpp.session import L2KVModel, ModelSettings
@@ -188,12 +189,18 @@ def _passkey_document() -> str:  # the README's worked example
     )
 
 
-def _needle_document() -> str:
-    from l2kv_cpp.eval import niah
+def _needle_document(smollm2_path) -> str:
+    """The evaluation's 2000-token needle at 10% depth: the case whose answer flipped when the prompt was read
+    in other batches than create_chat_completion's (a near-tie: "eat a sandwich" / "eating pizza")."""
+    from l2kv_cpp.session import open_tokenizer
 
-    corpus = niah.corpus_text()
-    needle = " The best thing to do in San Francisco is eat a sandwich in Dolores Park. "
-    return corpus[:3000] + needle + corpus[3000:6000]
+    with open_tokenizer(smollm2_path) as tok:
+        return niah.build_document(
+            niah.NiahCase(2000, 0.1),
+            lambda t: tok.tokenize(t, add_bos=False, special=False),
+            lambda ts: tok.detokenize(ts).decode("utf-8", errors="replace"),
+            niah.corpus_text(),
+        )
 
 
 def _reference_llama(path, n_ctx: int):
@@ -220,12 +227,12 @@ def _cli_answer(path, document_path, question: str, n: int, *extra: str) -> str:
 @pytest.mark.parametrize(
     "name, document, question",
     [
-        ("passkey", _passkey_document, "What is the pass key?"),
-        ("needle", _needle_document, "What is the best thing to do in San Francisco?"),
+        ("passkey", lambda _path: _passkey_document(), "What is the pass key?"),
+        ("needle", _needle_document, niah.CHAT_QUESTION),
     ],
 )
 def test_run_answers_like_create_chat_completion(smollm2_path, tmp_path, name, document, question):
-    doc = document()
+    doc = document(smollm2_path)
     path = tmp_path / f"{name}.txt"
     path.write_text(doc)
     ours = _cli_answer(smollm2_path, path, question, 32)

@@ -12,7 +12,8 @@ Protocol (stated in every record as `protocol`):
    token, is generated from the compressed cache (stricter than the paper's code, which took the
    first token from the uncompressed pass). With `question_first`, the question is part of the
    prompt that streams in and is compressed; generation still starts after the compression.
-The budget is `round(keep * n_document_tokens)`; `policy = "full"` runs with no eviction. K and V
+The budget is `round(keep * n_document_tokens)`; `policy = "full"` runs with no eviction and reads the
+whole prompt in one go (PROTOCOL_FULL: no compression point, the batches of stock llama.cpp). K and V
 are stored in `cache_type` (f16, or q8_0/q4_0 as stock llama.cpp's -ctk/-ctv offer); `kv_fraction`
 is the KV memory held when the question arrives (norms included) relative to a full f16 cache.
 
@@ -35,6 +36,10 @@ from ..session import L2KVModel, ModelSettings
 PROTOCOL = (
     "whole-prompt tokens; stream-evict-then-compress; question after compression; first answer token after eviction"
 )
+# the full cache has no compression point: the whole prompt is read in one go, in the batches stock llama.cpp
+# and create_chat_completion use (splitting it at the document's end changes the question's batches, and
+# with them the logits at the level of float rounding: enough to flip a greedy answer on a near-tie)
+PROTOCOL_FULL = "whole-prompt tokens; full cache: the whole prompt read in one go"
 PROTOCOL_QUESTION_FIRST = (
     "whole-prompt tokens; stream-evict-then-compress; question before compression (compressed with the "
     "document); first answer token after eviction"
@@ -90,6 +95,13 @@ class QAResult:
     kv_fraction: float  # KV memory when the question arrives, relative to a full f16 cache of the same tokens
 
 
+def protocol(policy: str, question_first: bool = False) -> str:
+    """The protocol a record of this policy is run under (in its config)."""
+    if question_first:
+        return PROTOCOL_QUESTION_FIRST
+    return PROTOCOL_FULL if policy == "full" else PROTOCOL
+
+
 def document_tokens(tokenizer: L2KVModel, document: str, question: str, chat: bool) -> int:
     """Tokens of the whole prompt that lie inside the document (with the chat template's preamble when
     chatting): what the cache holds when it is compressed."""
@@ -129,6 +141,11 @@ def run_qa(
     )
     with L2KVModel(model_path, settings, comp.l2kv(n_doc)) as m:
         conv = Conversation(m, chat=chat)
+        if comp.policy == "full" and not question_first:
+            conv.add_document(document)
+            n_fed = conv.document_split(question)[1]  # what the cache holds when the question's tokens come
+            answer = "".join(r.text for r in conv.ask(question, GREEDY, n_predict))
+            return QAResult(answer, n_doc, None, 0, n_fed, kv_fraction(m, comp, n_fed, n_fed))
         conv.load_document(document, next_text=question)  # the whole prompt's tokens inside the document
         if question_first:
             n_prompt = conv.feed_question(question)  # streams in like the document

@@ -19,7 +19,7 @@ from ..models import KNOWN_MODELS, resolve_model
 from ..session import open_tokenizer
 from . import niah, passkey
 from .perplexity import run_perplexity, text_tokens
-from .qa import POLICIES, PROTOCOL, PROTOCOL_QUESTION_FIRST, Compression, document_tokens, run_qa
+from .qa import POLICIES, Compression, document_tokens, protocol, run_qa
 from .results import ResultStore
 
 KEEP_RATIOS = (0.9, 0.7, 0.5, 0.3, 0.1)
@@ -87,7 +87,7 @@ def _run_document(
             **case_config,
             **_comp_config(comp),
             "chat": chat,
-            "protocol": PROTOCOL_QUESTION_FIRST if question_first else PROTOCOL,
+            "protocol": protocol(comp.policy, question_first),
         }
         if store.done(task, str(path), config):
             continue
