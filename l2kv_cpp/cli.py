@@ -290,7 +290,7 @@ def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     "file",
     default=None,
     type=click.Path(dir_okay=False),
-    help="load this document first (long texts are fine)",
+    help="a document for the questions (long texts are fine): read with -p as one prompt, else right away",
 )
 @click.option(
     "-n",
