@@ -33,6 +33,15 @@ def pyplot():
     return plt
 
 
+def _save(plt: Any, fig: Any, out: Path) -> Path:
+    """Write a figure as PNG (creating its folder) and free it."""
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def _by(records: Iterable[dict[str, Any]], task: str, model: str) -> list[dict[str, Any]]:
     return [r for r in records if r["task"] == task and r["model"] == model]
 
@@ -127,11 +136,7 @@ def plot_accuracy(records: Iterable[dict[str, Any]], task: str, model: str, out:
     ax.set_ylim(-0.05, 1.05)
     ax.set_title(f"{task}: {model}")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_accuracy_vs_memory(records: Iterable[dict[str, Any]], task: str, model: str, out: Path) -> Path:
@@ -162,11 +167,7 @@ def plot_accuracy_vs_memory(records: Iterable[dict[str, Any]], task: str, model:
     ax.set_xlim(0, 105)
     ax.set_title(f"{task}: answers vs KV memory, {model}", fontsize=9)
     ax.legend(fontsize=5, ncol=2)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_needle_heatmaps(records: Iterable[dict[str, Any]], model: str, keep: float, out: Path) -> Path:
@@ -198,11 +199,7 @@ def plot_needle_heatmaps(records: Iterable[dict[str, Any]], model: str, keep: fl
                     ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=7)
     axes[0][0].set_ylabel("needle depth")
     fig.suptitle(f"needle in a haystack: {model}", fontsize=9)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def ppl_table(records: Iterable[dict[str, Any]], model: str) -> str:
@@ -240,8 +237,4 @@ def plot_ppl_by_position(records: Iterable[dict[str, Any]], model: str, keep: fl
     ax.set_ylabel(f"perplexity per {recs[0]['position_window'] if recs else ''}-token window")
     ax.set_title(f"perplexity vs. position, keep {int(keep * 100)}%: {model}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
