@@ -21,7 +21,7 @@ from eval_sweep import GRIDS  # noqa: E402
 
 from l2kv_cpp.chat import Conversation  # noqa: E402
 from l2kv_cpp.eval import niah, passkey  # noqa: E402
-from l2kv_cpp.eval.tasks import uses_chat  # noqa: E402
+from l2kv_cpp.eval.tasks import niah_document, uses_chat  # noqa: E402
 from l2kv_cpp.models import resolve_model  # noqa: E402
 from l2kv_cpp.session import L2KVModel, open_tokenizer  # noqa: E402
 
@@ -42,20 +42,13 @@ def main() -> int:
         chat = uses_chat(path)
         with open_tokenizer(path) as tok:
             corpus = niah.corpus_text()
-
-            def tokenize(t: str, tok: L2KVModel = tok) -> list[int]:
-                return tok.tokenize(t, add_bos=False, special=False)
-
-            def detokenize(ts: list[int], tok: L2KVModel = tok) -> str:
-                return tok.detokenize(ts).decode("utf-8", errors="replace")
-
             docs = [(passkey.build_document(c), passkey.question(chat)) for c in GRIDS["default"]["passkey"]]
             cases = [*GRIDS["default"]["niah"], *GRIDS["long"]["niah"], *GRIDS["32k"]["niah"]]
-            docs += [(niah.build_document(c, tokenize, detokenize, corpus), niah.question(chat)) for c in cases]
+            docs += [(niah_document(tok, c, corpus), niah.question(chat)) for c in cases]
             same = 0
             for doc, question in docs:
                 conv = Conversation(tok, chat=chat)
-                conv.document = doc
+                conv.add_document(doc)
                 whole, n_doc = conv.document_split(question)
                 before, after = v1_tokens(tok, conv, doc, question)
                 same += before + after == whole and len(before) == n_doc

@@ -24,11 +24,11 @@ import llama_cpp  # noqa: E402  (load libllama before numpy-heavy modules, see l
 from l2kv_cpp.eval import niah, passkey  # noqa: E402
 from l2kv_cpp.eval.qa import PROTOCOL_FULL  # noqa: E402
 from l2kv_cpp.eval.results import ResultStore  # noqa: E402
-from l2kv_cpp.eval.tasks import uses_chat  # noqa: E402
+from l2kv_cpp.eval.tasks import NIAH_N_PREDICT, PASSKEY_N_PREDICT, niah_document, uses_chat  # noqa: E402
 from l2kv_cpp.models import resolve_model  # noqa: E402
 from l2kv_cpp.session import open_tokenizer  # noqa: E402
 
-N_PREDICT = {"passkey": 12, "niah": 40}  # what l2kv_cpp.eval.tasks generates per task
+N_PREDICT = {"passkey": PASSKEY_N_PREDICT, "niah": NIAH_N_PREDICT}  # what the evaluation generates per task
 
 
 def document(task: str, config: dict, tok) -> tuple[str, str]:
@@ -36,15 +36,7 @@ def document(task: str, config: dict, tok) -> tuple[str, str]:
     if task == "passkey":
         case = passkey.PasskeyCase(config["n_junk"], config["depth"], config["seed"])
         return passkey.build_document(case), passkey.question(chat)
-    case = niah.NiahCase(config["n_tokens"], config["depth"])
-
-    def tokenize(t: str) -> list[int]:
-        return tok.tokenize(t, add_bos=False, special=False)
-
-    def detokenize(ts: list[int]) -> str:
-        return tok.detokenize(ts).decode("utf-8", errors="replace")
-
-    return niah.build_document(case, tokenize, detokenize, niah.corpus_text()), niah.question(chat)
+    return niah_document(tok, niah.NiahCase(config["n_tokens"], config["depth"])), niah.question(chat)
 
 
 def main() -> int:

@@ -192,15 +192,11 @@ def _passkey_document() -> str:  # the README's worked example
 def _needle_document(smollm2_path) -> str:
     """The evaluation's 2000-token needle at 10% depth: the case whose answer flipped when the prompt was read
     in other batches than create_chat_completion's (a near-tie: "eat a sandwich" / "eating pizza")."""
+    from l2kv_cpp.eval.tasks import niah_document
     from l2kv_cpp.session import open_tokenizer
 
     with open_tokenizer(smollm2_path) as tok:
-        return niah.build_document(
-            niah.NiahCase(2000, 0.1),
-            lambda t: tok.tokenize(t, add_bos=False, special=False),
-            lambda ts: tok.detokenize(ts).decode("utf-8", errors="replace"),
-            niah.corpus_text(),
-        )
+        return niah_document(tok, niah.NiahCase(2000, 0.1))
 
 
 def _reference_llama(path, n_ctx: int):

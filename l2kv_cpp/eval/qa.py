@@ -106,7 +106,7 @@ def document_tokens(tokenizer: L2KVModel, document: str, question: str, chat: bo
     """Tokens of the whole prompt that lie inside the document (with the chat template's preamble when
     chatting): what the cache holds when it is compressed."""
     conv = Conversation(tokenizer, chat=chat)
-    conv.document = document
+    conv.add_document(document)
     return conv.document_split(question)[1]
 
 
@@ -143,9 +143,9 @@ def run_qa(
         conv = Conversation(m, chat=chat)
         if comp.policy == "full" and not question_first:
             conv.add_document(document)
-            n_fed = conv.document_split(question)[1]  # what the cache holds when the question's tokens come
             answer = "".join(r.text for r in conv.ask(question, GREEDY, n_predict))
-            return QAResult(answer, n_doc, None, 0, n_fed, kv_fraction(m, comp, n_fed, n_fed))
+            # n_doc (document_tokens) is what the cache holds when the question's tokens come
+            return QAResult(answer, n_doc, None, 0, n_doc, kv_fraction(m, comp, n_doc, n_doc))
         conv.load_document(document, next_text=question)  # the whole prompt's tokens inside the document
         if question_first:
             n_prompt = conv.feed_question(question)  # streams in like the document

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from tabulate import tabulate
 
-from .qa import POLICIES
+from .qa import CACHE_TYPE_BYTES, POLICIES
 
 LABELS = {
     "keep-low-norm": "L2: keep lowest norm",
@@ -47,7 +47,7 @@ def _by(records: Iterable[dict[str, Any]], task: str, model: str) -> list[dict[s
 
 
 Variant = tuple[str, str, bool]  # (policy, cache type, keep_system)
-CACHE_TYPES = ("f16", "q8_0", "q4_0")  # the evaluation's cache types, in order of bytes (qa.CACHE_TYPE_BYTES)
+CACHE_TYPES = tuple(CACHE_TYPE_BYTES)  # the evaluation's cache types, most bytes first
 
 
 def variant(config: dict[str, Any]) -> Variant:

@@ -16,13 +16,15 @@ import numpy as np
 
 from ..config import L2KVConfig
 from ..models import KNOWN_MODELS, resolve_model
-from ..session import open_tokenizer
+from ..session import L2KVModel, open_tokenizer
 from . import niah, passkey
 from .perplexity import run_perplexity, text_tokens
 from .qa import POLICIES, Compression, document_tokens, protocol, run_qa
 from .results import ResultStore
 
 KEEP_RATIOS = (0.9, 0.7, 0.5, 0.3, 0.1)
+PASSKEY_N_PREDICT = 12  # answer tokens generated per passkey case
+NIAH_N_PREDICT = 40  # per needle case
 
 Log = Callable[[str], None]
 
@@ -116,7 +118,7 @@ def run_passkey(
     cases: Iterable[passkey.PasskeyCase],
     comps: Iterable[Compression],
     store: ResultStore,
-    n_predict: int = 12,
+    n_predict: int = PASSKEY_N_PREDICT,
     log: Log = print,
     question_first: bool = False,
 ) -> None:
@@ -150,7 +152,7 @@ def run_niah(
     cases: Iterable[niah.NiahCase],
     comps: Iterable[Compression],
     store: ResultStore,
-    n_predict: int = 40,
+    n_predict: int = NIAH_N_PREDICT,
     log: Log = print,
     question_first: bool = False,
 ) -> None:
@@ -159,15 +161,8 @@ def run_niah(
     comps = list(comps)
     corpus = niah.corpus_text()
     with open_tokenizer(path) as tok:
-
-        def tokenize(t: str) -> list[int]:
-            return tok.tokenize(t, add_bos=False, special=False)
-
-        def detokenize(ts: list[int]) -> str:
-            return tok.detokenize(ts).decode("utf-8", errors="replace")
-
         for case in cases:
-            doc = niah.build_document(case, tokenize, detokenize, corpus)
+            doc = niah_document(tok, case, corpus)
             _run_document(
                 "niah",
                 path,
@@ -185,6 +180,16 @@ def run_niah(
                 f"n={case.n_tokens} depth={case.depth}",
                 log,
             )
+
+
+def niah_document(tok: L2KVModel, case: niah.NiahCase, corpus: str | None = None) -> str:
+    """The needle document of `case`, its length counted in the tokens of `tok`'s model."""
+    return niah.build_document(
+        case,
+        lambda t: tok.tokenize(t, add_bos=False, special=False),
+        lambda ts: tok.detokenize(ts).decode("utf-8", errors="replace"),
+        niah.corpus_text() if corpus is None else corpus,
+    )
 
 
 def run_ppl(
