@@ -23,7 +23,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define LLAMA_L2KV_ABI_VERSION 8
+#define LLAMA_L2KV_ABI_VERSION 9
 
 #ifdef __cplusplus
 extern "C" {
@@ -233,6 +233,61 @@ extern "C" {
 
     // the score of LLAMA_L2KV_POLICY_RANDOM for one entry (lower is kept first)
     LLAMA_API float llama_l2kv_random_score(uint64_t seed, int32_t il, int32_t head, int32_t pos);
+
+    //
+    // archive and recall: evicted, not forgotten
+    //
+    // With the archive on, every entry an eviction drops goes, per layer and KV head, to host memory: its
+    // true position and its K, V and key-norm rows, byte for byte as stored (any cache type). A recall
+    // brings the archived entries of some position spans back into the cache (in every layer and head
+    // that dropped them) before new text is processed: the spans are pinned (protected like the sinks
+    // until the next recall), and every (layer, head) then keeps kv_budget + m entries, m the fewest any
+    // (layer, head) got back: the entries beyond that are exchanged for those the policy ranks lowest
+    // (they go to the archive). The cache never holds more than kv_budget + n_slack entries.
+
+    struct llama_l2kv_archive_stats {
+        bool     enabled;     // evicted entries go to the archive
+        uint64_t n_entries;   // (layer, group) rows held; a group is a KV head (per-head mode) or a layer
+        uint64_t n_bytes;     // host memory they take: K, V and norm rows, and positions
+        uint64_t n_recalls;   // recalls that brought entries back
+        uint64_t n_recalled;  // rows brought back, summed over recalls
+        double   t_recall_ms; // wall time of all recalls, the evictions they ran included
+    };
+
+    // start (enable = true) or stop keeping evicted entries; stopping drops the archive. Entries evicted
+    // before the archive was started are lost
+    LLAMA_API int32_t llama_l2kv_archive_enable(struct llama_context * ctx, bool enable);
+
+    LLAMA_API int32_t llama_l2kv_archive_get_stats(const struct llama_context * ctx, struct llama_l2kv_archive_stats * out);
+
+    // counts[p] = how many (layer, group) rows of position p the archive holds, for p in [0, n_pos)
+    // (0: the position is in the cache everywhere, or was never seen); returns the number of layers x groups
+    // (the count of a position archived everywhere) or a negative status
+    LLAMA_API int32_t llama_l2kv_archive_coverage(const struct llama_context * ctx, int32_t * counts, int32_t n_pos);
+
+    // the archived entries of model layer il, group `group` (its KV head, or 0 per layer), ascending position:
+    // positions to pos and rows to rows, [entry][K row, V row, norm row], at most n_max entries; row_bytes[3]
+    // receives the three row sizes (pos and rows may be NULL to ask only for sizes); returns the number of
+    // entries held (which may be more than n_max) or a negative status
+    LLAMA_API int32_t llama_l2kv_archive_read(
+            const struct llama_context * ctx,
+                               int32_t   il,
+                               int32_t   group,
+                               int32_t * pos,
+                                  void * rows,
+                               int32_t   n_max,
+                               int64_t * row_bytes);
+
+    // bring back the archived entries of the position spans [span_first[i], span_end[i]) (any order, may
+    // overlap); their total length (merged) must be <= n_slack and <= kv_budget - n_sink - n_recent. Call it
+    // between decodes, before the text that asked for them is processed. Evicts down to kv_budget first when
+    // more entries are held. Returns the number of cells the recall used (the most entries any group got
+    // back; 0 when the archive holds none of the spans) or a negative status
+    LLAMA_API int32_t llama_l2kv_recall(
+            struct llama_context * ctx,
+                   const int32_t * span_first,
+                   const int32_t * span_end,
+                         int32_t   n_spans);
 
 // L2KV_CDEF_END
 

@@ -891,7 +891,9 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
 
     auto & cells = kv.v_cells[0];
 
-    const uint32_t n_keep = params.kv_budget;
+    // (a recall may keep more than the budget: see recall_inject)
+    const uint32_t n_keep = evict_target > 0 ? evict_target : params.kv_budget;
+    evict_target = 0;
 
     const std::vector<uint32_t> used = used_cells();
     if (used.size() <= n_keep) {
@@ -922,6 +924,7 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
     std::vector<std::vector<int32_t>> new_tpos(n_layer);
     std::vector<std::vector<int32_t>> mv_src(n_layer);
     std::vector<std::vector<int64_t>> mv_dst(n_layer);
+    std::vector<std::vector<dropped_entry>> dropped(n_layer); // for the archive
 
     // layers are independent: each one ranks its groups on one of the context's threads
     llama_l2kv_parallel_for(n_layer, n_threads(lctx), [&](uint32_t ikv) {
@@ -941,11 +944,30 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
             group_scores(ikv, g, used, feat[ikv], pos, score);
 
             llama_l2kv_candidates(pos.data(), score.data(), n_used, params.n_sink, params.n_recent, pos_last, cand);
+            // a recall's spans are protected like the sinks; its filler rows go first
+            const uint8_t * fill = filler.empty() ? nullptr : filler[ikv].data();
+            if (!pinned.empty() || fill != nullptr) {
+                for (auto & c : cand) {
+                    if (fill != nullptr && fill[(size_t) used[c.idx]*ng + g]) {
+                        c.key = UINT64_MAX;
+                    } else if (llama_l2kv_spans_contain(pinned, pos[c.idx])) {
+                        c.key &= ~(1ull << 63);
+                    }
+                }
+            }
             llama_l2kv_keep_best(cand, n_keep);
 
             std::fill(kept.begin(), kept.end(), -1);
             for (const auto & c : cand) {
                 kept[used[c.idx]] = (int32_t) c.idx;
+            }
+            if (archive_on) {
+                for (uint32_t i = 0; i < n_used; ++i) {
+                    const uint32_t c = used[i];
+                    if (kept[c] < 0 && (fill == nullptr || !fill[(size_t) c*ng + g])) {
+                        dropped[ikv].push_back({ c, g, pos[i] });
+                    }
+                }
             }
 
             // kept entries below n_keep stay; the others fill the cells below n_keep that are free or evicted
@@ -986,6 +1008,21 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
             }
         }
     });
+
+    // the dropped entries go to the archive before the compaction overwrites them (through the backend,
+    // one layer after the other, when the cache is not in host memory)
+    if (archive_on) {
+        bool on_host = true;
+        for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
+            for (const ggml_tensor * t : { k_rows[ikv], v_rows[ikv], kn_rows[ikv] }) {
+                on_host = on_host && ggml_backend_buffer_is_host(t->buffer);
+            }
+        }
+        llama_l2kv_parallel_for(n_layer, on_host ? n_threads(lctx) : 1, [&](uint32_t ikv) {
+            archive_dropped(ikv, dropped[ikv]);
+        });
+    }
+    filler.clear();
     const int64_t t_rank_end_us = ggml_time_us();
 
     // 3. move the kept rows: rows[dst] = rows[src] for K, V and the norms; sources (cells >= n_keep) and
@@ -1116,6 +1153,9 @@ bool llama_kv_cache_l2::shift_allowed() const {
 void llama_kv_cache_l2::on_clear() {
     n_comp     = 0;
     p_comp_max = -1;
+    archive.clear();
+    pinned.clear();
+    filler.clear();
     for (auto & t : tpos) {
         t.clear();
     }
@@ -1130,7 +1170,8 @@ void llama_kv_cache_l2::check_state_read(llama_seq_id seq_id) const {
 
 // "L2KV" little-endian, then the block's version
 static constexpr uint32_t LLAMA_L2KV_STATE_MAGIC   = 0x564b324c;
-static constexpr uint32_t LLAMA_L2KV_STATE_VERSION = 1;
+// version 2 adds the archive block (version 1 states, without it, still load)
+static constexpr uint32_t LLAMA_L2KV_STATE_VERSION = 2;
 
 void llama_kv_cache_l2::state_write(llama_io_write_i & io, llama_seq_id seq_id) const {
     if (seq_id != -1) {
@@ -1179,6 +1220,31 @@ void llama_kv_cache_l2::state_write(llama_io_write_i & io, llama_seq_id seq_id) 
             i = j;
         }
     }
+
+    // the archive: whether it is on, the pinned spans, and per (layer, group) its entries
+    const uint8_t on = archive_on;
+    io.write(&on, sizeof(on));
+    if (!archive_on) {
+        return;
+    }
+    const uint32_t n_pinned = pinned.size();
+    io.write(&n_pinned, sizeof(n_pinned));
+    for (const auto & s : pinned) {
+        io.write(&s.first,  sizeof(s.first));
+        io.write(&s.second, sizeof(s.second));
+    }
+    for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
+        const uint64_t row = archive.layout(ikv).total();
+        io.write(&row, sizeof(row));
+        for (uint32_t g = 0; g < n_group(ikv); ++g) {
+            const auto & pos  = archive.positions(ikv, g);
+            const auto & rows = archive.rows(ikv, g);
+            const uint32_t n = pos.size();
+            io.write(&n, sizeof(n));
+            io.write(pos.data(),  pos.size()*sizeof(int32_t));
+            io.write(rows.data(), rows.size());
+        }
+    }
 }
 
 void llama_kv_cache_l2::state_read(llama_io_read_i & io) {
@@ -1191,7 +1257,7 @@ void llama_kv_cache_l2::state_read(llama_io_read_i & io) {
             throw std::runtime_error("the state has no l2kv data (saved with eviction disabled?)");
         }
         io.read(&version, sizeof(version));
-        if (version != LLAMA_L2KV_STATE_VERSION) {
+        if (version != 1 && version != LLAMA_L2KV_STATE_VERSION) {
             throw std::runtime_error(format("l2kv state version %u, this library reads version %u",
                     version, LLAMA_L2KV_STATE_VERSION));
         }
@@ -1229,9 +1295,58 @@ void llama_kv_cache_l2::state_read(llama_io_read_i & io) {
             }
         }
 
+        // the archive (version 2): read whole before anything changes
+        uint8_t on = 0;
+        llama_l2kv_spans pinned_in;
+        std::vector<std::vector<std::pair<std::vector<int32_t>, std::vector<uint8_t>>>> archive_in;
+        if (version >= 2) {
+            io.read(&on, sizeof(on));
+        }
+        if (on) {
+            if (!archive_on) {
+                archive_start(); // the state had one: keep it (and go on archiving)
+            }
+            uint32_t n_pinned = 0;
+            io.read(&n_pinned, sizeof(n_pinned));
+            for (uint32_t i = 0; i < n_pinned; ++i) {
+                int32_t s[2];
+                io.read(s, sizeof(s));
+                pinned_in.emplace_back(s[0], s[1]);
+            }
+            archive_in.resize(n_layer);
+            for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
+                uint64_t row = 0;
+                io.read(&row, sizeof(row));
+                if (row != archive.layout(ikv).total()) {
+                    throw std::runtime_error(format("layer %d: the state's archived rows have %llu bytes, this cache %zu "
+                            "(another cache type or per-head setting?)", layer_il(ikv), (unsigned long long) row,
+                            archive.layout(ikv).total()));
+                }
+                archive_in[ikv].resize(n_group(ikv));
+                for (uint32_t g = 0; g < n_group(ikv); ++g) {
+                    uint32_t n = 0;
+                    io.read(&n, sizeof(n));
+                    auto & [pos, rows] = archive_in[ikv][g];
+                    pos.resize(n);
+                    rows.resize((size_t) n*row);
+                    io.read(pos.data(), pos.size()*sizeof(int32_t));
+                    io.read(rows.data(), rows.size());
+                }
+            }
+        }
+
         n_comp     = n_comp_in;
         p_comp_max = p_comp_in;
         tpos       = std::move(tpos_in);
+        if (archive_on) {
+            archive.clear();
+            for (uint32_t ikv = 0; ikv < archive_in.size(); ++ikv) {
+                for (uint32_t g = 0; g < archive_in[ikv].size(); ++g) {
+                    archive.restore(ikv, g, std::move(archive_in[ikv][g].first), std::move(archive_in[ikv][g].second));
+                }
+            }
+            pinned = std::move(pinned_in);
+        }
         pending_evict = false;
         failed        = false;
     } catch (const std::exception & err) {

@@ -20,6 +20,7 @@
 #pragma once
 
 #include "llama-l2kv.h"
+#include "llama-l2kv-archive.h"
 #include "llama-l2kv-scorer.h"
 
 #include "llama-batch.h"
@@ -157,7 +158,24 @@ struct llama_kv_cache_l2 {
         int32_t   result      = 0;
     } pending_read;
 
+    // the archive of dropped entries (llama_l2kv_archive_enable); without it an eviction loses them
+    bool               archive_on = false;
+    llama_l2kv_archive archive;
+
+    // positions the last recall brought back: protected like the sinks until the next recall
+    llama_l2kv_spans pinned;
+
+    // during a recall's eviction: [ikv][cell*n_group + group] is 1 for a row that only pads its group to
+    // the recall's cell count (evicted first, never archived; see recall_inject)
+    std::vector<std::vector<uint8_t>> filler;
+
+    // entries per (layer, group) the next eviction keeps instead of kv_budget (0: kv_budget); set by a recall
+    uint32_t evict_target = 0;
+
     // counters
+    uint64_t n_recalls    = 0;  // recalls that brought entries back
+    uint64_t n_recalled   = 0;  // (layer, group) rows brought back, summed over recalls
+    int64_t  t_recall_us  = 0;  // all of every recall, its eviction included
     uint64_t n_evictions  = 0;
     uint64_t n_dropped    = 0;
     uint64_t n_moved_rows = 0;
@@ -207,6 +225,31 @@ struct llama_kv_cache_l2 {
 
     // the non-empty cells, ascending
     std::vector<uint32_t> used_cells() const;
+
+    // archive (llama-l2kv-recall.cpp): start keeping dropped entries, with the row layout of every layer
+    void archive_start();
+
+    // archive the entries of cache layer ikv that an eviction drops: (cell, group, true position) each;
+    // called before the compaction overwrites them
+    struct dropped_entry {
+        uint32_t cell;
+        uint32_t group;
+        int32_t  pos;
+    };
+    void archive_dropped(uint32_t ikv, const std::vector<dropped_entry> & dropped);
+
+    // the first half of a recall: with the cache compacted to exactly kv_budget cells, put the archived
+    // entries of `spans` back into cells [kv_budget, kv_budget + R) of every (layer, group) that holds
+    // them, R the largest count of any group, pad the other groups with filler rows, and pin the spans;
+    // the eviction that follows (pending_evict) keeps kv_budget + m entries per group, m the smallest
+    // count any group got back (evict_target), dropping the fillers and, where a group got more than m
+    // back, the entries the policy ranks lowest. Returns R
+    uint32_t recall_inject(const llama_l2kv_spans & spans);
+
+    // the row of (cache layer ikv, cell, group) of one of the alias tensors, as bytes: read / write through
+    // memcpy in host memory, else through the backend
+    static void row_get(const ggml_tensor * rows, uint32_t row, void * dst);
+    static void row_set(ggml_tensor * rows, uint32_t row, const void * src);
 
     // a graph on the context's scheduler (reset, so the next decode rebuilds its own): begin_graph gives the
     // result to build in, run_graph allocates, sets the inputs and computes it; false (and an error naming

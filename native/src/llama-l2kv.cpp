@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 // set by native/l2kv.cmake from the build script: a hash of patches/ + native/
@@ -441,4 +442,189 @@ int32_t llama_l2kv_model_layer_info(const struct llama_model * model, int32_t il
 
 int32_t llama_l2kv_model_n_swa(const struct llama_model * model) {
     return model ? (int32_t) model->hparams.n_swa : LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+}
+
+//
+// archive and recall
+//
+
+int32_t llama_l2kv_archive_enable(struct llama_context * ctx, bool enable) {
+    llama_l2kv_clear_error();
+    if (ctx == nullptr) {
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    llama_kv_cache_l2 * l2 = llama_l2kv_get_enabled(ctx, __func__);
+    if (l2 == nullptr) {
+        return LLAMA_L2KV_STATUS_NOT_ENABLED;
+    }
+    ctx->synchronize();
+    if (enable && !l2->archive_on) {
+        l2->archive_start();
+    } else if (!enable) {
+        l2->archive_on = false;
+        l2->archive.clear();
+        l2->pinned.clear();
+    }
+    return LLAMA_L2KV_STATUS_OK;
+}
+
+int32_t llama_l2kv_archive_get_stats(const struct llama_context * ctx, struct llama_l2kv_archive_stats * out) {
+    llama_l2kv_clear_error();
+    if (ctx == nullptr || out == nullptr) {
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    const llama_kv_cache_l2 * l2 = llama_l2kv_get_enabled(ctx, __func__);
+    if (l2 == nullptr) {
+        return LLAMA_L2KV_STATUS_NOT_ENABLED;
+    }
+    *out = {};
+    out->enabled     = l2->archive_on;
+    out->n_entries   = l2->archive.n_entries();
+    out->n_bytes     = l2->archive.n_bytes();
+    out->n_recalls   = l2->n_recalls;
+    out->n_recalled  = l2->n_recalled;
+    out->t_recall_ms = l2->t_recall_us/1000.0;
+    return LLAMA_L2KV_STATUS_OK;
+}
+
+int32_t llama_l2kv_archive_coverage(const struct llama_context * ctx, int32_t * counts, int32_t n_pos) {
+    llama_l2kv_clear_error();
+    if (ctx == nullptr || n_pos < 0 || (counts == nullptr && n_pos > 0)) {
+        llama_l2kv_error("%s: counts must hold n_pos (%d >= 0) entries\n", __func__, n_pos);
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    const llama_kv_cache_l2 * l2 = llama_l2kv_get_enabled(ctx, __func__);
+    if (l2 == nullptr) {
+        return LLAMA_L2KV_STATUS_NOT_ENABLED;
+    }
+    std::fill(counts, counts + n_pos, 0);
+    l2->archive.coverage(counts, n_pos);
+    int32_t n_groups = 0;
+    for (uint32_t ikv = 0; ikv < l2->n_layer(); ++ikv) {
+        n_groups += (int32_t) l2->n_group(ikv);
+    }
+    return n_groups;
+}
+
+int32_t llama_l2kv_archive_read(const struct llama_context * ctx, int32_t il, int32_t group, int32_t * pos,
+        void * rows, int32_t n_max, int64_t * row_bytes) {
+    llama_l2kv_clear_error();
+    if (ctx == nullptr || n_max < 0) {
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    const llama_kv_cache_l2 * l2 = llama_l2kv_get_enabled(ctx, __func__);
+    if (l2 == nullptr) {
+        return LLAMA_L2KV_STATUS_NOT_ENABLED;
+    }
+    const int32_t ikv = l2->layer_ikv(il);
+    if (ikv < 0 || group < 0 || (uint32_t) group >= l2->n_group(ikv)) {
+        llama_l2kv_error("%s: layer %d, group %d is not in the budgeted cache\n", __func__, il, group);
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    if (!l2->archive_on) {
+        llama_l2kv_error("%s: the archive is off (llama_l2kv_archive_enable)\n", __func__);
+        return LLAMA_L2KV_STATUS_INVALID_STATE;
+    }
+    const auto & lay = l2->archive.layout(ikv);
+    if (row_bytes != nullptr) {
+        row_bytes[0] = (int64_t) lay.k;
+        row_bytes[1] = (int64_t) lay.v;
+        row_bytes[2] = (int64_t) lay.kn;
+    }
+    std::vector<int32_t> p;
+    std::vector<uint8_t> r;
+    const uint32_t n = l2->archive.read(ikv, group, p, r);
+    const size_t n_out = std::min<size_t>(n, n_max);
+    if (pos != nullptr) {
+        std::copy(p.begin(), p.begin() + n_out, pos);
+    }
+    if (rows != nullptr) {
+        memcpy(rows, r.data(), n_out*lay.total());
+    }
+    return (int32_t) n;
+}
+
+int32_t llama_l2kv_recall(struct llama_context * ctx, const int32_t * span_first, const int32_t * span_end, int32_t n_spans) {
+    llama_l2kv_clear_error();
+    if (ctx == nullptr || n_spans < 0 || (n_spans > 0 && (span_first == nullptr || span_end == nullptr))) {
+        llama_l2kv_error("%s: give n_spans (%d >= 0) spans as two arrays of positions\n", __func__, n_spans);
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    llama_kv_cache_l2 * l2 = llama_l2kv_get_enabled(ctx, __func__);
+    if (l2 == nullptr) {
+        return LLAMA_L2KV_STATUS_NOT_ENABLED;
+    }
+    if (!l2->archive_on) {
+        llama_l2kv_error("%s: the archive is off: nothing evicted was kept (llama_l2kv_archive_enable)\n", __func__);
+        return LLAMA_L2KV_STATUS_INVALID_STATE;
+    }
+
+    // the spans, sorted and merged
+    llama_l2kv_spans spans;
+    for (int32_t i = 0; i < n_spans; ++i) {
+        if (span_first[i] < 0 || span_end[i] <= span_first[i]) {
+            llama_l2kv_error("%s: span %d is [%d, %d): positions must be >= 0 and the span not empty\n", __func__, i,
+                    span_first[i], span_end[i]);
+            return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+        }
+        spans.emplace_back(span_first[i], span_end[i]);
+    }
+    std::sort(spans.begin(), spans.end());
+    llama_l2kv_spans merged;
+    uint64_t n_pos = 0;
+    for (const auto & s : spans) {
+        if (!merged.empty() && s.first <= merged.back().second) {
+            merged.back().second = std::max(merged.back().second, s.second);
+        } else {
+            merged.push_back(s);
+        }
+    }
+    for (const auto & s : merged) {
+        n_pos += (uint64_t) (s.second - s.first);
+    }
+    const auto & par = l2->params;
+    const uint64_t n_max = std::min<uint64_t>(l2->n_slack, (uint64_t) par.kv_budget - par.n_sink - par.n_recent);
+    if (n_pos > n_max) {
+        llama_l2kv_error("%s: the spans cover %llu positions; a recall brings back at most %llu (n_slack %u, "
+                "kv_budget - n_sink - n_recent %u)\n", __func__, (unsigned long long) n_pos,
+                (unsigned long long) n_max, l2->n_slack, par.kv_budget - par.n_sink - par.n_recent);
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+
+    const int64_t t_start_us = ggml_time_us();
+    ctx->synchronize();
+
+    l2->pinned = merged;
+    if (l2->n_comp == 0) {
+        return 0; // nothing was ever evicted: nothing is archived (the spans stay pinned)
+    }
+    // the recall fills the cells past the budget: evict the entries added since the last eviction first
+    const auto & cells = l2->cells();
+    if (cells.get_used() > par.kv_budget) {
+        l2->failed        = false;
+        l2->pending_evict = true;
+        ctx->memory_update(false);
+        if (l2->failed) {
+            return LLAMA_L2KV_STATUS_COMPUTE_FAILED;
+        }
+    }
+    if (l2->n_comp != par.kv_budget || cells.get_used() != par.kv_budget || cells.used_max_p1() != par.kv_budget) {
+        llama_l2kv_error("%s: the cache holds %u entries (%u compacted) for a budget of %u; cannot recall\n", __func__,
+                cells.get_used(), l2->n_comp, par.kv_budget);
+        return LLAMA_L2KV_STATUS_INVALID_STATE;
+    }
+
+    const uint32_t n_new = l2->recall_inject(merged);
+    if (n_new > 0) {
+        l2->failed        = false;
+        l2->pending_evict = true;
+        ctx->memory_update(false);
+        l2->filler.clear();
+        l2->evict_target = 0;
+        if (l2->failed) {
+            return LLAMA_L2KV_STATUS_COMPUTE_FAILED;
+        }
+    }
+    l2->t_recall_us += ggml_time_us() - t_start_us;
+    return (int32_t) n_new;
 }

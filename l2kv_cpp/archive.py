@@ -1,0 +1,102 @@
+"""The archive of evicted entries and recall, on a llama.cpp context (`llama_l2kv_archive_*`, `llama_l2kv_recall`).
+
+With the archive on, what an eviction drops is kept in host memory (K, V and key-norm rows, byte for
+byte, with their true positions) per layer and KV head; `recall` puts the entries of some position
+spans back into the cache before new text is processed. Which spans to recall is decided in
+`l2kv_cpp.recall`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._ffi import native
+from .cache import _check
+
+
+@dataclass(frozen=True)
+class ArchiveStats:
+    """Python view of `struct llama_l2kv_archive_stats`."""
+
+    enabled: bool
+    n_entries: int  # (layer, KV head) rows held
+    n_bytes: int  # host memory they take
+    n_recalls: int  # recalls that brought entries back
+    n_recalled: int  # rows brought back, summed over recalls
+    t_recall_ms: float  # wall time of every recall, its eviction included
+
+
+@dataclass(frozen=True)
+class ArchivedRows:
+    """The archived entries of one (layer, group), ascending position: rows are K | V | key-norm bytes."""
+
+    pos: np.ndarray  # int32 [n]
+    k: np.ndarray  # uint8 [n, k bytes]
+    v: np.ndarray  # uint8 [n, v bytes]
+    norm: np.ndarray  # uint8 [n, norm bytes] (float32 squared norms)
+
+
+def enable(ctx: Any, on: bool = True) -> None:
+    """Start keeping evicted entries (on) or stop and drop the archive (off)."""
+    nat = native()
+    _check(nat.lib.llama_l2kv_archive_enable(nat.ctx_ptr(ctx), on), "llama_l2kv_archive_enable")
+
+
+def stats(ctx: Any) -> ArchiveStats:
+    nat = native()
+    out = nat.ffi.new("struct llama_l2kv_archive_stats *")
+    _check(nat.lib.llama_l2kv_archive_get_stats(nat.ctx_ptr(ctx), out), "llama_l2kv_archive_get_stats")
+    return ArchiveStats(**{f: getattr(out, f) for f in ArchiveStats.__dataclass_fields__})
+
+
+def coverage(ctx: Any, n_pos: int) -> tuple[np.ndarray, int]:
+    """(counts, n_groups): counts[p] = (layer, group) rows of position p in the archive, for p < n_pos;
+    n_groups is the count of a position no group kept."""
+    nat = native()
+    counts = np.zeros(max(n_pos, 1), dtype=np.int32)
+    n_groups = _check(
+        nat.lib.llama_l2kv_archive_coverage(nat.ctx_ptr(ctx), nat.ffi.from_buffer("int32_t[]", counts), n_pos),
+        "llama_l2kv_archive_coverage",
+    )
+    return counts[:n_pos].copy(), n_groups
+
+
+def read(ctx: Any, il: int, group: int) -> ArchivedRows:
+    """The archived entries of model layer il, group (KV head, or 0 per layer), ascending position."""
+    nat = native()
+    c = nat.ctx_ptr(ctx)
+    row_bytes = nat.ffi.new("int64_t[3]")
+    n = _check(
+        nat.lib.llama_l2kv_archive_read(c, il, group, nat.ffi.NULL, nat.ffi.NULL, 0, row_bytes),
+        f"llama_l2kv_archive_read(layer {il}, group {group})",
+    )
+    kb, vb, nb = (int(row_bytes[i]) for i in range(3))
+    pos = np.zeros(max(n, 1), dtype=np.int32)
+    rows = np.zeros((max(n, 1), kb + vb + nb), dtype=np.uint8)
+    _check(
+        nat.lib.llama_l2kv_archive_read(
+            c, il, group, nat.ffi.from_buffer("int32_t[]", pos), nat.ffi.from_buffer(rows), n, row_bytes
+        ),
+        f"llama_l2kv_archive_read(layer {il}, group {group})",
+    )
+    rows = rows[:n]
+    k, v, norm = rows[:, :kb], rows[:, kb : kb + vb], rows[:, kb + vb :]
+    return ArchivedRows(pos=pos[:n].copy(), k=k.copy(), v=v.copy(), norm=norm.copy())
+
+
+def recall(ctx: Any, spans: Sequence[tuple[int, int]]) -> int:
+    """Bring back the archived entries of the position spans [first, end); returns the cells the recall used
+    (the most entries any (layer, head) got back, 0 when the archive held none of them)."""
+    nat = native()
+    first = np.array([s[0] for s in spans] or [0], dtype=np.int32)
+    end = np.array([s[1] for s in spans] or [0], dtype=np.int32)
+    return _check(
+        nat.lib.llama_l2kv_recall(
+            nat.ctx_ptr(ctx), nat.ffi.from_buffer("int32_t[]", first), nat.ffi.from_buffer("int32_t[]", end), len(spans)
+        ),
+        "llama_l2kv_recall",
+    )

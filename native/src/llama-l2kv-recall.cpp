@@ -1,0 +1,161 @@
+// llama-l2kv-recall.cpp - the archive's side of an eviction, and recall: archived entries back into the cache
+//
+// A recall does not need an eviction of its own design: it puts the archived entries of the asked
+// spans into the free cells past the budget, pins the spans (protected like the sinks) and lets the
+// ordinary eviction take every (layer, group) back to a common count. So the policy decides what
+// leaves (and the archive keeps it), the compaction stays the one that is tested bit-exact, and the
+// cache never holds more than kv_budget + n_slack entries.
+//
+// Every layer must hold the same number of cells (one shared cell array and mask), but the groups
+// hold different numbers of archived entries of a span (each head evicted its own). The recall
+// therefore uses R = the largest count of any group new cells, and pads the other groups with
+// filler rows (copies of kept rows, so that the key cosines of the eviction that follows see the
+// same distribution of keys); the eviction drops every filler first and never archives one. It keeps
+// kv_budget + m entries per group, m the fewest entries any group got back: what every group got back
+// is added (the slack cells are allocated anyway), the rest is exchanged for the entries the policy
+// ranks lowest. A recall of the whole archive thus restores every entry when they fit in
+// kv_budget + n_slack (every eviction drops as many entries from every group, so all groups archive
+// the same count).
+
+#include "llama-kv-cache-l2.h"
+
+#include "llama-impl.h"
+#include "llama-kv-cache.h"
+
+#include <algorithm>
+#include <cstring>
+
+void llama_kv_cache_l2::row_get(const ggml_tensor * rows, uint32_t row, void * dst) {
+    const size_t nb1 = rows->nb[1];
+    if (ggml_backend_buffer_is_host(rows->buffer)) {
+        memcpy(dst, (const char *) rows->data + (size_t) row*nb1, nb1);
+    } else {
+        ggml_backend_tensor_get(rows, dst, (size_t) row*nb1, nb1);
+    }
+}
+
+void llama_kv_cache_l2::row_set(ggml_tensor * rows, uint32_t row, const void * src) {
+    const size_t nb1 = rows->nb[1];
+    if (ggml_backend_buffer_is_host(rows->buffer)) {
+        memcpy((char *) rows->data + (size_t) row*nb1, src, nb1);
+    } else {
+        ggml_backend_tensor_set(rows, src, (size_t) row*nb1, nb1);
+    }
+}
+
+void llama_kv_cache_l2::archive_start() {
+    std::vector<uint32_t> groups(n_layer());
+    std::vector<llama_l2kv_archive::row_layout> layout(n_layer());
+    for (uint32_t ikv = 0; ikv < n_layer(); ++ikv) {
+        groups[ikv] = n_group(ikv);
+        layout[ikv] = { k_rows[ikv]->nb[1], v_rows[ikv]->nb[1], kn_rows[ikv]->nb[1] };
+    }
+    archive.init(groups, layout);
+    archive_on = true;
+}
+
+void llama_kv_cache_l2::archive_dropped(uint32_t ikv, const std::vector<dropped_entry> & dropped) {
+    const auto & lay = archive.layout(ikv);
+    const uint32_t ng = n_group(ikv);
+    std::vector<uint8_t> buf(lay.total());
+    for (const auto & d : dropped) {
+        const uint32_t row = d.cell*ng + d.group;
+        row_get(k_rows[ikv],  row, buf.data());
+        row_get(v_rows[ikv],  row, buf.data() + lay.k);
+        row_get(kn_rows[ikv], row, buf.data() + lay.k + lay.v);
+        archive.add(ikv, d.group, d.pos, buf.data(), buf.data() + lay.k, buf.data() + lay.k + lay.v);
+    }
+}
+
+uint32_t llama_kv_cache_l2::recall_inject(const llama_l2kv_spans & spans) {
+    auto & cells = kv.v_cells[0];
+    const uint32_t n_keep  = params.kv_budget;
+    const uint32_t n_layer = this->n_layer();
+
+    // the caller evicted first: cells [0, kv_budget) hold the compacted entries and nothing else
+    GGML_ASSERT(n_comp == n_keep && cells.get_used() == n_keep && cells.used_max_p1() == n_keep);
+
+    pinned = spans;
+
+    uint32_t n_new = 0;
+    for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
+        for (uint32_t g = 0; g < n_group(ikv); ++g) {
+            n_new = std::max(n_new, archive.count(ikv, g, spans, n_slack));
+        }
+    }
+    if (n_new == 0) {
+        return 0;
+    }
+    GGML_ASSERT(n_keep + n_new <= cells.size());
+
+    const int32_t pos_last = cells.seq_pos_max(0);
+    const uint32_t n_cells = n_keep + n_new;
+
+    filler.assign(n_layer, {});
+    uint64_t n_back = 0;
+    uint32_t m_min  = n_new;
+    std::vector<int32_t> pos;
+    std::vector<uint8_t> rows;
+    std::vector<uint8_t> copy;
+    for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
+        const uint32_t nh  = n_head_kv(ikv);
+        const uint32_t ng  = n_group(ikv);
+        const auto &   lay = archive.layout(ikv);
+        auto & tp = tpos[ikv];
+        tp.resize((size_t) n_cells*nh, -1);
+        filler[ikv].assign((size_t) n_cells*ng, 0);
+        copy.resize(lay.total());
+
+        for (uint32_t g = 0; g < ng; ++g) {
+            pos.clear();
+            rows.clear();
+            const uint32_t m = archive.take(ikv, g, spans, n_new, pos, rows);
+            n_back += m;
+            m_min   = std::min(m_min, m);
+            for (uint32_t j = 0; j < n_new; ++j) {
+                const uint32_t cell = n_keep + j;
+                const uint32_t row  = cell*ng + g;
+                const uint8_t * src = nullptr;
+                if (j < m) {
+                    src = rows.data() + (size_t) j*lay.total();
+                    for (uint32_t h = 0; h < (params.per_head ? 1 : nh); ++h) {
+                        tp[(size_t) cell*nh + (params.per_head ? g : h)] = pos[j];
+                    }
+                } else {
+                    // a filler: the kept entry of cell (j - m) mod kv_budget, evicted first
+                    const uint32_t from = (j - m) % n_keep;
+                    row_get(k_rows[ikv],  from*ng + g, copy.data());
+                    row_get(v_rows[ikv],  from*ng + g, copy.data() + lay.k);
+                    row_get(kn_rows[ikv], from*ng + g, copy.data() + lay.k + lay.v);
+                    src = copy.data();
+                    for (uint32_t h = 0; h < (params.per_head ? 1 : nh); ++h) {
+                        const uint32_t hh = params.per_head ? g : h;
+                        tp[(size_t) cell*nh + hh] = tp[(size_t) from*nh + hh];
+                    }
+                    filler[ikv][(size_t) row] = 1;
+                }
+                row_set(k_rows[ikv],  row, src);
+                row_set(v_rows[ikv],  row, src + lay.k);
+                row_set(kn_rows[ikv], row, src + lay.k + lay.v);
+            }
+        }
+    }
+
+    // cells [0, n_cells) now hold compacted entries: virtual positions ending at the last position, as
+    // after an eviction (all visible to the next token); the eviction that follows renumbers them
+    cells.reset();
+    for (uint32_t j = 0; j < n_cells; ++j) {
+        cells.pos_set(j, std::max<int32_t>(0, pos_last - (int32_t) n_cells + 1 + (int32_t) j));
+        cells.seq_add(j, 0);
+    }
+    kv.v_heads[0] = n_cells;
+    n_comp = n_cells;
+
+    // what every group got back without dropping anything stays on top of the budget (in the slack, which
+    // the buffer holds anyway); the fillers must go before anything attends to them
+    evict_target = n_keep + m_min;
+
+    n_recalls  += 1;
+    n_recalled += n_back;
+    return n_new;
+}
