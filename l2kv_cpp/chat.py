@@ -26,10 +26,11 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from . import cache
+from . import archive, cache
 from .errors import ModelError
 from .generate import GenerationResponse, stream_generate
 from .prompt_tokens import common_prefix_len, stable_prefix_len, tokens_within
+from .recall import lexical_spans
 from .sampling import SamplingSettings
 from .session import L2KVModel, ProgressFn
 
@@ -69,6 +70,7 @@ class Conversation:
     document: str | None = None  # loaded document, prefixed to the next user message
     n_reevaluations: int = 0
     last_prompt_tokens_per_second: float = 0.0
+    last_recall: list[tuple[int, int]] = field(default_factory=list)  # spans the last user turn recalled
 
     def __post_init__(self) -> None:
         if self.chat is None:
@@ -80,6 +82,7 @@ class Conversation:
         self._formatter = None
         self._piece_tokens: dict[tuple[str, bool], list[int]] = {}  # (text piece, at start) -> its tokens
         self.n_sink = self.model.l2kv.n_sink if self.model.l2kv is not None else 0  # first positions never evicted
+        self._recalled_for: str | None = None  # the user text the archive was last searched with
         self._protect_system_turn()
 
     def _protect_system_turn(self) -> None:
@@ -202,6 +205,53 @@ class Conversation:
         self.last_prompt_tokens_per_second = len(todo) / dt if todo and dt > 0 else 0.0
         return len(todo)
 
+    # recall (l2kv_cpp.recall)
+
+    @property
+    def recall_enabled(self) -> bool:
+        return self.model.l2kv is not None and self.model.l2kv.recall.enabled
+
+    def recall_limit(self) -> int:
+        """The most positions one recall may bring back (llama_l2kv_recall's limit)."""
+        l2kv = self.model.l2kv
+        assert l2kv is not None
+        return max(0, min(l2kv.slack(self.model.settings.n_batch), l2kv.kv_budget - self.n_sink - l2kv.n_recent))
+
+    def recall(self, text: str, progress: ProgressFn | None = None) -> list[tuple[int, int]]:
+        """Before the user turn `text` is processed: bring back the evicted spans it matches (recall on).
+
+        The cache first goes to its common prefix with the turn (a rewind of the newest tokens must
+        happen before the recall's eviction compacts them); a document loaded with the turn, too long
+        for the budget, is fed first, so that the search sees it. Runs once per turn; returns the spans."""
+        if not self.recall_enabled or self._recalled_for == text:
+            return []
+        self._recalled_for = text
+        l2kv = self.model.l2kv
+        assert l2kv is not None
+        target = self.turn_tokens(text)
+        if self.document is not None:
+            tokens, n_doc = self.document_split(text)
+            if n_doc > l2kv.kv_budget:
+                self._sync(tokens[:n_doc], progress, need_logits=False)
+        n = common_prefix_len(self.tokens[: self.model.n_past], target)
+        if n == len(target):
+            n -= 1  # the turn's last token is decoded again for its logits
+        if n < self.model.n_past:
+            self._sync(target[:n], progress, need_logits=False)
+        ctx = self.model.llm.ctx
+        if archive.stats(ctx).n_entries == 0:
+            self.last_recall = []
+            return []
+        counts, _ = archive.coverage(ctx, len(self.tokens))
+        query = self.model.token_pieces(self.model.tokenize(text, add_bos=False, special=False))
+        spans = lexical_spans(self.model.token_pieces(self.tokens), query, counts, l2kv.recall, self.recall_limit())
+        if spans:
+            archive.recall(ctx, spans)
+            if not l2kv.recall.grow:
+                cache.evict_now(ctx)  # back to the budget: the recalled spans are pinned, others leave
+        self.last_recall = spans
+        return spans
+
     # public API
 
     def load_document(self, text: str, progress: ProgressFn | None = None, next_text: str | None = None) -> int:
@@ -247,6 +297,7 @@ class Conversation:
     ) -> Iterator[GenerationResponse]:
         """Stream the answer to `text`. Stopping early (or Ctrl-C) keeps what was generated so far."""
         content = self._user_content(text)
+        self.recall(text, progress)
         n_prompt = self._sync(self.turn_tokens(text), progress, need_logits=True)
         answer: list[str] = []
         sampled: list[int] = []
@@ -267,12 +318,14 @@ class Conversation:
         recorded with an empty answer.
         """
         content = self._user_content(text)
+        self.recall(text, progress)
         n = self._sync(self.turn_tokens(text), progress, need_logits=True)
         self._record_turn(content, "", [])
         return n
 
     def _record_turn(self, content: str, answer: str, sampled: Sequence[int]) -> None:
         self.document = None
+        self._recalled_for = None
         self.messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
         self.answers.append(list(sampled))
 
@@ -283,3 +336,4 @@ class Conversation:
         self.answers = []
         self.tokens = []
         self.document = None
+        self._recalled_for = None

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _lib, cache
+from . import _lib, archive, cache
 from ._ffi import native
 from .config import L2KVConfig
 from .decode import decode, logits_ith
@@ -114,6 +114,8 @@ class L2KVModel:
         if l2kv is not None:
             try:
                 cache.enable(self.llm.ctx, l2kv)
+                if l2kv.recall.enabled:
+                    archive.enable(self.llm.ctx)  # evicted entries are kept for recall
             except Exception:
                 self.llm.close()
                 raise

@@ -92,6 +92,7 @@ def main() -> int:
         help="chat models: protect the rendered system turn (the default) or not (n_sink 4), or run both",
     )
     ap.add_argument("--policies", default=",".join(POLICIES), help="policies to run (default: all)")
+    ap.add_argument("--recall", default="off", help="recall settings to run, comma-separated (off, lexical, lexical:N)")
     args = ap.parse_args()
 
     if args.model == "tiny":
@@ -102,6 +103,7 @@ def main() -> int:
     variants = {
         "policies": tuple(p.strip() for p in args.policies.split(",") if p.strip()),
         "cache_types": tuple(t.strip() for t in args.cache_types.split(",") if t.strip()),
+        "recalls": tuple(r.strip() for r in args.recall.split(",") if r.strip()),
         # no template, no system turn: only the default runs
         "keep_system": {"on": (True,), "off": (False,), "both": (True, False)}[args.keep_system]
         if uses_chat(resolve_model(args.model))

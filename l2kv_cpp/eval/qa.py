@@ -8,7 +8,8 @@ Protocol (stated in every record as `protocol`):
    evicts down to the budget whenever budget + n_batch entries would be exceeded (the product's
    streaming mode);
 2. after the document, the cache is compressed to exactly the budget (`evict_now`);
-3. the question's tokens are appended after compression and the answer, including its first
+3. the question's tokens are appended after compression (with recall on, the question first
+   brings back the archived spans it matches: `Conversation.recall`) and the answer, including its first
    token, is generated from the compressed cache (stricter than the paper's code, which took the
    first token from the uncompressed pass). With `question_first`, the question is part of the
    prompt that streams in and is compressed; generation still starts after the compression.
@@ -30,6 +31,7 @@ from .. import cache
 from ..chat import Conversation
 from ..config import L2KVConfig, Policy
 from ..generate import stream_generate
+from ..recall import RecallSettings
 from ..sampling import SamplingSettings
 from ..session import L2KVModel, ModelSettings
 
@@ -60,10 +62,12 @@ class Compression:
     seed: int = 0
     cache_type: str = "f16"  # K and V cache type (CACHE_TYPE_BYTES)
     keep_system: bool = True  # chat: the rendered system turn is never evicted (L2KVConfig.keep_system)
+    recall: str = "off"  # what the question brings back from the archive (RecallSettings.parse: "lexical:128")
 
     def __post_init__(self) -> None:
         if self.cache_type not in CACHE_TYPE_BYTES:
             raise ValueError(f"cache_type {self.cache_type!r} is not one of {sorted(CACHE_TYPE_BYTES)}")
+        RecallSettings.parse(self.recall)  # fails early on a bad setting
 
     def budget(self, n_doc: int) -> int | None:
         if self.policy == "full":
@@ -82,6 +86,7 @@ class Compression:
             skip_layers=self.skip_layers,
             seed=self.seed,
             keep_system=self.keep_system,
+            recall=RecallSettings.parse(self.recall),
         )
 
 
@@ -152,6 +157,8 @@ def run_qa(
         n_fed = m.n_past
         if m.l2kv is not None:
             cache.evict_now(m.llm.ctx)
+        if not question_first:
+            conv.recall(question)  # with recall on, the question searches the archive before it is read
         cells = m.stats().n_cells_used
         fraction = kv_fraction(m, comp, cells, n_fed)
         if question_first:

@@ -46,19 +46,26 @@ def _by(records: Iterable[dict[str, Any]], task: str, model: str) -> list[dict[s
     return [r for r in records if r["task"] == task and r["model"] == model]
 
 
-Variant = tuple[str, str, bool]  # (policy, cache type, keep_system)
+Variant = tuple[str, str, bool, str]  # (policy, cache type, keep_system, recall)
 CACHE_TYPES = tuple(CACHE_TYPE_BYTES)  # the evaluation's cache types, most bytes first
 
 
 def variant(config: dict[str, Any]) -> Variant:
     """What a record's row is: its policy, cache type and system-turn protection (records of protocol v1
     have neither: f16, and n_sink 4 without keep_system)."""
-    return config["policy"], config.get("cache_type", "f16"), bool(config.get("keep_system", False))
+    return (
+        config["policy"],
+        config.get("cache_type", "f16"),
+        bool(config.get("keep_system", False)),
+        config.get("recall", "off"),
+    )
 
 
 def variant_label(v: Variant, chat: bool = True) -> str:
-    policy, cache_type, keep_system = v
+    policy, cache_type, keep_system, recall = v
     label = LABELS[policy]
+    if recall != "off":
+        label += f" + recall {recall}"
     if cache_type != "f16":
         label += f", {cache_type} cache"
     if chat and policy != "full" and not keep_system:
@@ -69,7 +76,7 @@ def variant_label(v: Variant, chat: bool = True) -> str:
 def _variants(cells: Iterable[Variant]) -> list[Variant]:
     """Full cache rows first, then every policy; within each, by cache type, keep_system first."""
     order = {p: i for i, p in enumerate(("full", *POLICIES))}
-    return sorted(set(cells), key=lambda v: (v[0] != "full", CACHE_TYPES.index(v[1]), order[v[0]], not v[2]))
+    return sorted(set(cells), key=lambda v: (v[0] != "full", CACHE_TYPES.index(v[1]), order[v[0]], not v[2], v[3]))
 
 
 def accuracy_table(records: Iterable[dict[str, Any]], task: str, model: str) -> str:

@@ -34,16 +34,18 @@ def compressions(
     policies: Iterable[str] = POLICIES,
     cache_types: Iterable[str] = ("f16",),
     keep_system: Iterable[bool] = (True,),
+    recalls: Iterable[str] = ("off",),
     **kwargs: Any,
 ) -> list[Compression]:
     """The full cache in every cache type, then every policy at every keep ratio in every cache type (and
-    with and without the system turn protected, when keep_system holds both)."""
-    types, systems = list(cache_types), list(keep_system)
+    with and without the system turn protected, when keep_system holds both; with every recall setting)."""
+    types, systems, recall_settings = list(cache_types), list(keep_system), list(recalls)
     out = [Compression("full", 1.0, cache_type=t) for t in types]
     out += [
-        Compression(p, k, cache_type=t, keep_system=ks, **kwargs)
+        Compression(p, k, cache_type=t, keep_system=ks, recall=rc, **kwargs)
         for t in types
         for ks in systems
+        for rc in recall_settings
         for k in keeps
         for p in policies
     ]
@@ -63,6 +65,8 @@ def _comp_config(c: Compression) -> dict[str, Any]:
     d = asdict(c)
     d["skip_layers"] = list(c.skip_layers) if c.skip_layers is not None else "default"
     d["policy_seed"] = d.pop("seed")  # "seed" belongs to the case (e.g. the passkey)
+    if d["recall"] == "off":
+        del d["recall"]  # as in the records from before recall existed
     return d
 
 

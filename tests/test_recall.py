@@ -1,0 +1,120 @@
+"""Choosing what to recall (l2kv_cpp.recall) and recall in a conversation on a real model."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from l2kv_cpp import archive, cache
+from l2kv_cpp.chat import Conversation
+from l2kv_cpp.config import L2KVConfig
+from l2kv_cpp.errors import InvalidParamsError
+from l2kv_cpp.eval import niah
+from l2kv_cpp.eval.tasks import niah_document
+from l2kv_cpp.recall import RecallSettings, bm25_scores, choose_spans, lexical_spans, words
+from l2kv_cpp.sampling import SamplingSettings
+from l2kv_cpp.session import L2KVModel, ModelSettings
+
+
+def test_words_fold_case_and_drop_punctuation():
+    assert words(b" San") == ["san"]
+    assert words("Ünïcode".encode()) == ["ünïcode"]
+    assert words(b"?!") == [] and words(b" ") == []
+    assert words(b"\xe2\x82") == []  # half a UTF-8 character: no word
+
+
+def test_bm25_ranks_rare_shared_words_first():
+    blocks = [Counter({"the": 3, "sky": 1}), Counter({"the": 2, "pass": 1, "key": 1}), Counter({"the": 1})]
+    scores = bm25_scores(blocks, ["what", "is", "the", "pass", "key"])
+    assert scores[1] > 5 * max(scores[0], scores[2]) > 0  # "the", in every block, is worth little
+    assert bm25_scores(blocks, ["absent"]) == [0.0, 0.0, 0.0]
+
+
+def test_spans_take_the_best_blocks_with_their_followers_within_the_budget():
+    s = RecallSettings(mode="lexical", n_tokens=64, block=16, n_context_blocks=1)
+    scores = [0, 5, 0, 0, 9, 0, 0, 1]
+    archived = [True] * 8
+    # block 4 (+5), then block 1 (+2): 4 blocks = 64 positions
+    assert choose_spans(scores, archived, s, 128, 1000) == [(16, 48), (64, 96)]
+    # a smaller limit from the cache (n_max) wins over n_tokens
+    assert choose_spans(scores, archived, s, 128, 32) == [(64, 96)]
+    # blocks the cache still holds everywhere are not worth a recall
+    archived[5] = False
+    assert choose_spans(scores, archived, s, 128, 1000) == [(16, 48), (64, 80), (112, 128)]
+    assert choose_spans([0.0] * 8, [True] * 8, s, 128, 1000) == []  # nothing matches: nothing comes back
+    # the last block may be short
+    assert choose_spans([0, 0, 3], [True] * 3, s, 40, 1000) == [(32, 40)]
+
+
+def test_lexical_spans_find_a_needle():
+    hay = [b" The", b" sky", b" is", b" blue", b"."] * 40
+    needle = [b" The", b" pass", b" key", b" is", b" 714", b"32", b"."]
+    history = hay[:100] + needle + hay[100:]
+    s = RecallSettings(mode="lexical", n_tokens=32, block=8)
+    spans = lexical_spans(history, [b"What", b" is", b" the", b" pass", b" key", b"?"], [1] * len(history), s, 1000)
+    covered = {p for a, b in spans for p in range(a, b)}
+    assert set(range(100, 107)) <= covered and len(covered) <= 32
+
+
+def test_settings_are_checked():
+    assert RecallSettings.parse("lexical:64:exchange") == RecallSettings("lexical", 64, grow=False)
+    for bad in ("lexicon", "lexical:0", "lexical:x", "lexical:1:2:3"):
+        with pytest.raises(InvalidParamsError):
+            RecallSettings.parse(bad)
+
+
+@pytest.mark.parametrize("grow", [True, False])
+def test_a_question_brings_its_needle_back_into_every_head(smollm2_path, grow):
+    """A 1000-token needle document at a quarter of the cache: after the eviction most heads lost the
+    needle; the question's recall puts its positions back into every (layer, head), the cache stays
+    within budget + slack (exactly the budget with :exchange), and the archive shrinks by what came back."""
+    recall = RecallSettings("lexical", 128, grow=grow)
+    with L2KVModel(smollm2_path, ModelSettings(n_batch=256, n_ubatch=256), None) as tok:
+        doc = niah_document(tok, niah.NiahCase(n_tokens=1000, depth=0.5))
+    config = L2KVConfig(kv_budget=250, recall=recall)
+    with L2KVModel(smollm2_path, ModelSettings(n_batch=256, n_ubatch=256), config) as m:
+        conv = Conversation(m)
+        question = niah.question(chat=True)
+        conv.load_document(doc, next_text=question)
+        cache.evict_now(m.llm.ctx)
+        before = archive.stats(m.llm.ctx)
+        text = m.detokenize(conv.tokens).decode()
+        start = text.index(niah.NEEDLE.strip()[:30])
+        # positions of the needle: the tokens whose text lies inside it
+        pieces, at, needle_pos = m.token_pieces(conv.tokens), 0, []
+        for p, piece in enumerate(pieces):
+            if start <= at < start + len(niah.NEEDLE.strip()):
+                needle_pos.append(p)
+            at += len(piece.decode(errors="replace"))
+        n_layer = int(m.llm.metadata["llama.block_count"])
+        lost = sum(
+            not set(needle_pos) <= set(cache.read_layer(m.llm.ctx, il)[1][:, h].tolist())
+            for il in range(n_layer)
+            for h in range(cache.read_layer(m.llm.ctx, il)[1].shape[1])
+        )
+        assert lost > 0  # the eviction dropped the needle somewhere
+        spans = conv.recall(question)
+        assert spans and sum(b - a for a, b in spans) <= 128
+        assert conv.recall(question) == []  # once per turn
+        for il in range(n_layer):
+            pos = cache.read_layer(m.llm.ctx, il)[1]
+            for h in range(pos.shape[1]):
+                assert set(needle_pos) <= set(pos[:, h].tolist()), (il, h)
+        used = cache.stats(m.llm.ctx).n_cells_used
+        assert used == 250 if not grow else 250 <= used <= 250 + 128
+        after = archive.stats(m.llm.ctx)
+        assert after.n_recalls == 1 and after.n_recalled > 0
+        # growing keeps what came back on top of the budget; an exchange sends as many entries back
+        assert after.n_entries < before.n_entries if grow else after.n_entries == before.n_entries
+        answer = "".join(r.text for r in conv.ask(question, SamplingSettings(temperature=0.0), 30))
+        assert answer.strip() and archive.stats(m.llm.ctx).n_recalls == 1  # ask did not recall again
+
+
+def test_without_recall_nothing_is_archived(tiny_model):
+    with L2KVModel(tiny_model, ModelSettings(n_batch=64, n_ubatch=64), L2KVConfig(kv_budget=64)) as m:
+        m.feed(list(np.arange(3, 300) % 200 + 3))
+        assert cache.stats(m.llm.ctx).n_evictions > 0
+        st = archive.stats(m.llm.ctx)
+        assert not st.enabled and st.n_entries == 0
