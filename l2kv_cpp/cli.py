@@ -206,6 +206,13 @@ def _eviction_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--n-recent", default=d.n_recent, show_default=True, type=int, help="newest tokens never evicted"),
         click.option(
+            "--recall",
+            default="off",
+            show_default=True,
+            help="keep evicted entries in host memory and bring back the spans each user turn matches: "
+            "off, lexical or lexical:N (N positions per turn), ':exchange' to stay at the budget",
+        ),
+        click.option(
             "--per-head/--per-layer",
             default=d.per_head,
             show_default=True,
@@ -437,6 +444,12 @@ def _eval_common(fn: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="chat models: never evict the rendered system turn",
         ),
+        click.option(
+            "--recall",
+            default="off",
+            show_default=True,
+            help="passkey/niah: recall settings to run every setting with, comma-separated (off, lexical:128, ...)",
+        ),
     )(fn)
 
 
@@ -447,9 +460,18 @@ def _floats(text: str, name: str) -> list[float]:
         raise click.BadParameter(f"{name} must be comma-separated numbers (got {text!r})") from None
 
 
-def _comps(keeps: str, policies: str, n_sink: int, n_recent: int, cache_types: str = "f16", keep_system: bool = True):
+def _comps(
+    keeps: str,
+    policies: str,
+    n_sink: int,
+    n_recent: int,
+    cache_types: str = "f16",
+    keep_system: bool = True,
+    recall: str = "off",
+):
     from .eval.qa import CACHE_TYPE_BYTES
     from .eval.tasks import compressions
+    from .recall import RecallSettings
 
     ks = _floats(keeps, "--keep")
     if any(not 0 < k <= 1 for k in ks):
@@ -457,11 +479,15 @@ def _comps(keeps: str, policies: str, n_sink: int, n_recent: int, cache_types: s
     types = [t.strip() for t in cache_types.split(",") if t.strip()]
     if not types or any(t not in CACHE_TYPE_BYTES for t in types):
         raise click.BadParameter(f"--cache-types must be among {', '.join(CACHE_TYPE_BYTES)} (got {cache_types!r})")
+    recalls = [r.strip() for r in recall.split(",") if r.strip()] or ["off"]
+    for r in recalls:
+        RecallSettings.parse(r)  # a bad setting fails before any run
     return compressions(
         ks,
         [p.strip() for p in policies.split(",") if p.strip()],
         cache_types=types,
         keep_system=(keep_system,),
+        recalls=recalls,
         n_sink=n_sink,
         n_recent=n_recent,
     )
@@ -483,6 +509,7 @@ def eval_passkey(
     question_first: bool,
     cache_types: str,
     keep_system: bool,
+    recall: str,
     n_junk: int,
     depths: str,
     seeds: int,
@@ -498,7 +525,7 @@ def eval_passkey(
     run_passkey(
         model,
         cases,
-        _comps(keeps, policies, n_sink, n_recent, cache_types, keep_system),
+        _comps(keeps, policies, n_sink, n_recent, cache_types, keep_system, recall),
         ResultStore(Path(out) / "passkey.jsonl"),
         log=click.echo,
         question_first=question_first,
@@ -520,6 +547,7 @@ def eval_niah(
     question_first: bool,
     cache_types: str,
     keep_system: bool,
+    recall: str,
     lengths: str,
     depths: str,
 ) -> None:
@@ -534,7 +562,7 @@ def eval_niah(
     run_niah(
         model,
         cases,
-        _comps(keeps, policies, n_sink, n_recent, cache_types, keep_system),
+        _comps(keeps, policies, n_sink, n_recent, cache_types, keep_system, recall),
         ResultStore(Path(out) / "niah.jsonl"),
         log=click.echo,
         question_first=question_first,
@@ -555,6 +583,7 @@ def eval_ppl(
     question_first: bool,
     cache_types: str,
     keep_system: bool,
+    recall: str,
     n_tokens: int,
 ) -> None:
     """Perplexity on the essays as the cache streams and evicts, with KL divergence against a full cache."""

@@ -18,12 +18,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from . import archive
 from .chat import Conversation
 from .config import L2KVConfig
 from .errors import InvalidParamsError, L2KVError
 from .generate import GenerationResponse
 from .models import resolve_model
 from .prompt_tokens import common_prefix_len
+from .recall import RecallSettings
 from .sampling import SamplingSettings
 from .session import L2KVModel, ModelSettings, ProgressFn
 from .session_file import load_session, save_session
@@ -58,6 +60,7 @@ def settings_from_options(opts: dict[str, Any]) -> dict[str, Any]:
         n_sink=opts["n_sink"],
         n_recent=opts["n_recent"],
         keep_system=opts["keep_system"],
+        recall=RecallSettings.parse(opts["recall"]),
         policy=opts["policy"],
         per_head=opts["per_head"],
         skip_layers=skip_layers,
@@ -176,6 +179,12 @@ def stats_text(model: L2KVModel, last: GenerationResponse | None, prompt_tps: fl
         f"evictions      {st.n_evictions} ({st.n_dropped} entries dropped per layer and head, "
         f"{st.n_moved_rows} rows moved, {st.t_evict_ms:.0f} ms)",
     ]
+    if model.l2kv is not None and model.l2kv.recall.enabled:
+        ar = archive.stats(model.llm.ctx)
+        lines.append(
+            f"archive        {ar.n_entries} evicted entries in host memory ({ar.n_bytes / 2**20:.1f} MiB); "
+            f"{ar.n_recalls} recalls brought {ar.n_recalled} back ({ar.t_recall_ms:.0f} ms)"
+        )
     if last is not None:
         lines.append(
             f"last answer    {last.n_generated_tokens} tokens at {last.tokens_per_second:.1f} tokens/s "
@@ -290,6 +299,8 @@ def one_shot(conv: Conversation, prompt: str, sampling: SamplingSettings, n_pred
                     "tokens_per_second": round(last.tokens_per_second, 2) if last else 0.0,
                     "finish_reason": "interrupted" if interrupted else (last.finish_reason if last else None),
                     "kv": asdict(st),
+                    "archive": asdict(archive.stats(m.llm.ctx)) if m.l2kv is not None else None,
+                    "recalled_spans": conv.last_recall,
                     "memory_mib": {k: round(v, 3) for k, v in m.memory_report().items()},
                 }
             )

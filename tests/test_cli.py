@@ -66,6 +66,22 @@ def test_run_on_tiny_model_json(tiny_model):
     assert out["kv"]["enabled"] and out["kv"]["kv_budget"] == 64
 
 
+def test_run_with_recall_reports_its_archive(tiny_model, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("the sky is blue. " * 60 + "the pass key is 123. " + "the grass is green. " * 60)
+    res = invoke("run", str(tiny_model), "-f", str(doc), "-p", "pass key?", "-n", "3", "--json", "--recall", "lexical",
+                 *TINY_RUN)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["kv"]["n_evictions"] > 0
+    ar = out["archive"]
+    assert ar["enabled"] and ar["n_entries"] > 0 and ar["n_bytes"] > 0 and ar["n_recalls"] == 1
+    assert out["recalled_spans"] and all(a < b for a, b in out["recalled_spans"])
+    off = json.loads(invoke("run", str(tiny_model), "-f", str(doc), "-p", "pass key?", "-n", "3", "--json",
+                            *TINY_RUN).stdout)  # fmt: skip
+    assert not off["archive"]["enabled"] and off["archive"]["n_entries"] == 0 and off["recalled_spans"] == []
+
+
 def test_run_far_past_the_buffer_keeps_memory_bounded(tiny_model):
     res = invoke("run", str(tiny_model), "-p", "abc", "-n", "800", "--json", *TINY_RUN)
     assert res.exit_code == 0, res.output
@@ -110,6 +126,8 @@ def test_options_read_environment_variables(tiny_model):
         (["--kv-slack", "16"], "n_slack (16) must be 0 (n_batch) or >= n_batch (32): a batch is stored whole"),
         (["--kv-slack", "128", "-c", "160"], "-c/--ctx-size 160 is too small for kv_budget 64 + n_slack 128"),
         (["-f", "/nonexistent/doc.txt"], "-f/--file: /nonexistent/doc.txt does not exist"),
+        (["--recall", "semantic"], "recall 'semantic': expected MODE[:N_TOKENS][:exchange]"),
+        (["--recall", "lexical:0"], "recall 'lexical:0'"),
     ],
 )
 def test_bad_run_input_is_one_line(tiny_model, args, message):
