@@ -100,3 +100,40 @@ def recall(ctx: Any, spans: Sequence[tuple[int, int]]) -> int:
         ),
         "llama_l2kv_recall",
     )
+
+
+def dequantize_rows(rows: np.ndarray, cache_type: str, n_embd_head: int) -> np.ndarray:
+    """float32 [n, heads, n_embd_head] from raw cache rows (uint8 [n, bytes]) of a cache type."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[cache_type.upper()]
+    if len(rows) == 0:
+        return np.zeros((0, 1, n_embd_head), dtype=np.float32)
+    x = gguf.quants.dequantize(np.ascontiguousarray(rows), qtype).astype(np.float32, copy=False)
+    return x.reshape(len(rows), -1, n_embd_head)
+
+
+def read_keys(ctx: Any, il: int, group: int, cache_type: str, n_embd_head: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions [n], keys float32 [n, heads of the group, n_embd_head]) of the archived entries of (il, group);
+    the keys as the cache stores them (after RoPE, rotated like the queries for quantized types)."""
+    rows = read(ctx, il, group)
+    return rows.pos, dequantize_rows(rows.k, cache_type, n_embd_head)
+
+
+def capture_queries(ctx: Any, n_tokens_max: int) -> None:
+    """Keep the queries of every decoded ubatch of up to n_tokens_max tokens (0: stop)."""
+    nat = native()
+    _check(nat.lib.llama_l2kv_capture_queries(nat.ctx_ptr(ctx), n_tokens_max), "llama_l2kv_capture_queries")
+
+
+def read_queries(ctx: Any, il: int, n_tokens: int, n_embd_head: int) -> np.ndarray:
+    """The captured queries of model layer il for the first n_tokens of the last ubatch: [token, head, n_embd_head]."""
+    nat = native()
+    c = nat.ctx_ptr(ctx)
+    per = _check(nat.lib.llama_l2kv_read_queries(c, il, 0, nat.ffi.NULL), f"llama_l2kv_read_queries(layer {il})")
+    out = np.zeros((max(n_tokens, 1), per), dtype=np.float32)
+    _check(
+        nat.lib.llama_l2kv_read_queries(c, il, n_tokens, nat.ffi.from_buffer("float[]", out)),
+        f"llama_l2kv_read_queries(layer {il})",
+    )
+    return out[:n_tokens].reshape(n_tokens, -1, n_embd_head)

@@ -30,7 +30,13 @@ from . import archive, cache
 from .errors import ModelError
 from .generate import GenerationResponse, stream_generate
 from .prompt_tokens import common_prefix_len, stable_prefix_len, tokens_within
-from .recall import lexical_spans
+from .recall import (
+    archived_blocks,
+    choose_spans,
+    combine_scores,
+    lexical_block_scores,
+    query_block_scores,
+)
 from .sampling import SamplingSettings
 from .session import L2KVModel, ProgressFn
 
@@ -83,7 +89,10 @@ class Conversation:
         self._piece_tokens: dict[tuple[str, bool], list[int]] = {}  # (text piece, at start) -> its tokens
         self.n_sink = self.model.l2kv.n_sink if self.model.l2kv is not None else 0  # first positions never evicted
         self._recalled_for: str | None = None  # the user text the archive was last searched with
+        self._budgeted_layers: list[tuple[int, int, int]] | None = None  # (il, n_head_kv, n_embd_head_k)
         self._protect_system_turn()
+        if self.recall_enabled and self.model.l2kv.recall.uses_queries:  # type: ignore[union-attr]
+            archive.capture_queries(self.model.llm.ctx, self.model.settings.n_ubatch)
 
     def _protect_system_turn(self) -> None:
         """With keep_system (the default), raise n_sink to the rendered system turn and the first user turn's
@@ -242,15 +251,64 @@ class Conversation:
         if archive.stats(ctx).n_entries == 0:
             self.last_recall = []
             return []
-        counts, _ = archive.coverage(ctx, len(self.tokens))
-        query = self.model.token_pieces(self.model.tokenize(text, add_bos=False, special=False))
-        spans = lexical_spans(self.model.token_pieces(self.tokens), query, counts, l2kv.recall, self.recall_limit())
+        settings = l2kv.recall
+        n_pos = len(self.tokens)
+        n_blocks = (n_pos + settings.block - 1) // settings.block
+        # the new text's attention (None when the turn is too long to be read twice: its words only then)
+        query = self._query_scores(target[n:], n_blocks, progress) if settings.uses_queries else None
+        lexical = None
+        if settings.mode in ("lexical", "both") or (settings.uses_queries and query is None):
+            words = self.model.token_pieces(self.model.tokenize(text, add_bos=False, special=False))
+            lexical = lexical_block_scores(self.model.token_pieces(self.tokens), words, settings.block)
+        if lexical is not None and query is not None:
+            scores = combine_scores(lexical, query)
+        else:
+            scores = list(lexical if lexical is not None else query or [])
+        counts, _ = archive.coverage(ctx, n_pos)
+        archived = archived_blocks(counts, n_pos, settings.block)
+        spans = choose_spans(scores, archived, settings, n_pos, self.recall_limit())
         if spans:
             archive.recall(ctx, spans)
             if not l2kv.recall.grow:
                 cache.evict_now(ctx)  # back to the budget: the recalled spans are pinned, others leave
         self.last_recall = spans
         return spans
+
+    def _query_scores(self, todo: list[int], n_blocks: int, progress: ProgressFn | None) -> list[float] | None:
+        """Read the new turn's tokens `todo` once with their queries kept, score the archive's blocks with
+        them (recall.query_block_scores), and take the tokens back out of the cache. None when the turn
+        does not fit in the slack (it would trigger an eviction that compacts it)."""
+        m, l2kv = self.model, self.model.l2kv
+        assert l2kv is not None
+        ctx = m.llm.ctx
+        n_ubatch = m.settings.n_ubatch
+        if not todo or len(todo) > l2kv.slack(m.settings.n_batch):
+            return None
+        cache.evict_now(ctx)  # room for the turn without an eviction in the middle of it
+        n0 = m.n_past
+        m.feed(todo, progress)
+        n_last = (len(todo) - 1) % min(n_ubatch, m.settings.n_batch) + 1  # the tokens of the last ubatch
+        groups = []
+        for il, n_head_kv, d in self._layers():
+            q = archive.read_queries(ctx, il, n_last, d)  # [token, head, d]
+            r = q.shape[1] // n_head_kv  # query heads per KV head
+            for g in range(n_head_kv if l2kv.per_head else 1):
+                pos, keys = archive.read_keys(ctx, il, g, m.settings.cache_type_k, d)  # [n, heads, d]
+                for j in range(keys.shape[1]):
+                    h = g if l2kv.per_head else j
+                    groups.append((pos, keys[:, j, :], q[:, h * r : (h + 1) * r, :].reshape(-1, d)))
+        if not m.rewind(n0):
+            raise ModelError("internal error: the turn read for recall could not be taken back out of the cache")
+        return list(query_block_scores(groups, n_blocks, self.model.l2kv.recall.block))  # type: ignore[union-attr]
+
+    def _layers(self) -> list[tuple[int, int, int]]:
+        """(layer, KV heads, head size) of every layer under eviction."""
+        if self._budgeted_layers is None:
+            from .info import read_model_info
+
+            info = read_model_info(self.model.path)
+            self._budgeted_layers = [(lay.il, lay.n_head_kv, lay.n_embd_head_k) for lay in info.full_layers]
+        return self._budgeted_layers
 
     # public API
 

@@ -5,10 +5,16 @@ the archive is searched with it and the best spans of positions come back into t
 question is processed. An answer lives in the tokens around what the question matches, so recall
 works on contiguous blocks of positions, each brought back with its neighbour.
 
-Signal ("lexical"): BM25 of the new text's words against the words of every block of the
-conversation so far (the archive knows the token ids of every position it holds): rare words shared
-with the question rank a block high, words every block has count for nothing. It needs no model
-pass, so it runs before the new text is decoded.
+Signals:
+- "lexical": BM25 of the new text's words against the words of every block of the conversation so
+  far (the archive knows the token ids of every position it holds): rare words shared with the
+  question rank a block high, words every block has count for nothing. It needs no model pass.
+- "query": the attention the new text would pay to each archived block: the new text is decoded
+  once with its queries kept (after RoPE, per layer), then per (layer, KV head) every query of the
+  group's query heads is softmaxed over the archived keys and the mass of each block is taken at the
+  query that attends to it most; blocks are ranked by that mass averaged over all (layer, head).
+  The new text's tokens are then taken back out of the cache and read again after the recall.
+- "both": the mean of the two scores, each divided by its maximum.
 """
 
 from __future__ import annotations
@@ -17,17 +23,19 @@ import math
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from .errors import InvalidParamsError
 
-RECALL_MODES = ("off", "lexical")
+RECALL_MODES = ("off", "lexical", "query", "both")
 
 
 @dataclass(frozen=True)
 class RecallSettings:
-    mode: str = "off"  # RECALL_MODES: "off" (evicted entries are lost), "lexical" (BM25 over blocks)
+    mode: str = "off"  # RECALL_MODES: "off" (evicted entries are lost), "lexical", "query", "both" (module doc)
     n_tokens: int = 128  # positions one recall brings back at most (capped by n_slack and the budget)
     block: int = 16  # positions per block: the unit that is scored and recalled
     n_context_blocks: int = 1  # blocks recalled after a matching block (the answer follows its cue)
@@ -47,6 +55,10 @@ class RecallSettings:
     @property
     def enabled(self) -> bool:
         return self.mode != "off"
+
+    @property
+    def uses_queries(self) -> bool:
+        return self.mode in ("query", "both")
 
     @classmethod
     def parse(cls, value: str) -> RecallSettings:
@@ -139,6 +151,50 @@ def choose_spans(
     return spans
 
 
+def query_block_scores(
+    groups: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], n_blocks: int, block: int
+) -> np.ndarray:
+    """The attention mass each block of archived entries would draw from the new text, averaged over the
+    (layer, KV head) groups: every group is (positions [n], keys [n, d], queries [m, d]) (its query
+    heads' queries for every new token, as rows), scaled as the model scales them or not (a softmax per
+    query is taken over the group's archived keys with 1/sqrt(d))."""
+    total = np.zeros(n_blocks, dtype=np.float64)
+    n_groups = 0
+    for pos, keys, queries in groups:
+        n_groups += 1
+        if len(pos) == 0 or len(queries) == 0:
+            continue
+        logits = keys @ queries.T / np.sqrt(keys.shape[1])  # [n, m]
+        logits -= logits.max(axis=0, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(axis=0, keepdims=True)
+        mass = np.zeros((n_blocks, p.shape[1]))
+        np.add.at(mass, np.minimum(pos // block, n_blocks - 1), p)
+        total += mass.max(axis=1)
+    return total / max(n_groups, 1)
+
+
+def combine_scores(lexical: Sequence[float], query: Sequence[float]) -> list[float]:
+    """Mean of the two signals, each divided by its maximum (a signal that is 0 everywhere counts 0)."""
+    a, b = np.asarray(lexical, dtype=np.float64), np.asarray(query, dtype=np.float64)
+    a = a / a.max() if a.max() > 0 else a
+    b = b / b.max() if b.max() > 0 else b
+    return list((a + b) / 2)
+
+
+def archived_blocks(archived_counts: Sequence[int], n_positions: int, block: int) -> list[bool]:
+    """Per block of positions: whether any of its entries is archived somewhere."""
+    n_blocks = (n_positions + block - 1) // block
+    counts = np.asarray(archived_counts[:n_positions])
+    return [bool(counts[j * block : (j + 1) * block].any()) for j in range(n_blocks)]
+
+
+def lexical_block_scores(history_pieces: Sequence[bytes], query_pieces: Sequence[bytes], block: int) -> list[float]:
+    """BM25 of every block of `block` positions of the history for the words of the new text."""
+    query = [w for p in query_pieces for w in words(p)]
+    return bm25_scores(block_words(history_pieces, block), query)
+
+
 def lexical_spans(
     history_pieces: Sequence[bytes],
     query_pieces: Sequence[bytes],
@@ -148,10 +204,6 @@ def lexical_spans(
 ) -> list[tuple[int, int]]:
     """The spans to recall for new text (query_pieces: its tokens' texts) over the conversation so far
     (history_pieces[p]: the text of the token at position p; archived_counts[p]: its archived rows)."""
-    b = settings.block
-    blocks = block_words(history_pieces, b)
-    query = [w for p in query_pieces for w in words(p)]
-    scores = bm25_scores(blocks, query)
     n = len(history_pieces)
-    archived = [any(archived_counts[p] > 0 for p in range(j * b, min((j + 1) * b, n))) for j in range(len(blocks))]
-    return choose_spans(scores, archived, settings, n, n_max)
+    scores = lexical_block_scores(history_pieces, query_pieces, settings.block)
+    return choose_spans(scores, archived_blocks(archived_counts, n, settings.block), settings, n, n_max)

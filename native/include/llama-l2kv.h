@@ -289,6 +289,20 @@ extern "C" {
                    const int32_t * span_end,
                          int32_t   n_spans);
 
+    // keep the queries (after RoPE) of every decoded ubatch of up to n_tokens_max tokens, per budgeted layer, for
+    // a recall that scores the archive with them; 0 stops. The graphs are rebuilt: call it between decodes
+    LLAMA_API int32_t llama_l2kv_capture_queries(struct llama_context * ctx, int32_t n_tokens_max);
+
+    // the captured queries of model layer il for the first n_tokens tokens of the last decoded ubatch, layout
+    // [token][query head][n_embd_head_k] (rotated like K when the cache type asks for a Hadamard rotation, so
+    // that q.k is the attention logit up to the scale); out holds n_tokens * (returned value) floats or is NULL;
+    // returns the floats per token (query heads x head size) or a negative status
+    LLAMA_API int32_t llama_l2kv_read_queries(
+            struct llama_context * ctx,
+                         int32_t   il,
+                         int32_t   n_tokens,
+                           float * out);
+
 // L2KV_CDEF_END
 
 #ifdef __cplusplus

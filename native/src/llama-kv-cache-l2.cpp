@@ -1367,3 +1367,8 @@ ggml_tensor * llama_kv_cache_context::cpy_k_norm(ggml_context * ctx, ggml_tensor
     const auto * l2 = llama_kv_cache_l2::get(*kv);
     return l2 ? l2->cpy_k_norm(ctx, k_cur, k_idxs, il) : nullptr;
 }
+
+ggml_tensor * llama_kv_cache_context::cpy_q(ggml_context * ctx, ggml_tensor * q_cur, int32_t il) const {
+    const auto * l2 = llama_kv_cache_l2::get(*kv);
+    return l2 ? l2->cpy_q(ctx, q_cur, il) : nullptr;
+}

@@ -172,6 +172,13 @@ struct llama_kv_cache_l2 {
     // entries per (layer, group) the next eviction keeps instead of kv_budget (0: kv_budget); set by a recall
     uint32_t evict_target = 0;
 
+    // the queries of the last ubatch, kept for recall while capture_q (llama_l2kv_capture_queries): per cache
+    // layer, F32 [n_embd_head_k * n_head, n_q_max], token t in column t
+    bool                       capture_q = false;
+    uint32_t                   n_q_max   = 0;
+    std::vector<ggml_tensor *> qcap;
+    std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> qcap_bufs;
+
     // counters
     uint64_t n_recalls    = 0;  // recalls that brought entries back
     uint64_t n_recalled   = 0;  // (layer, group) rows brought back, summed over recalls
@@ -245,6 +252,13 @@ struct llama_kv_cache_l2 {
     // count any group got back (evict_target), dropping the fillers and, where a group got more than m
     // back, the entries the policy ranks lowest. Returns R
     uint32_t recall_inject(const llama_l2kv_spans & spans);
+
+    // graph hook: copy q_cur [n_embd_head, n_head, n_tokens] (after RoPE) into qcap (nullptr unless capturing)
+    ggml_tensor * cpy_q(ggml_context * ctx, ggml_tensor * q_cur, int32_t il) const;
+
+    // allocate qcap for n_q_max tokens per ubatch and start capturing (the graphs are rebuilt), or stop and free it
+    int32_t capture_start(uint32_t n_q_max);
+    void    capture_stop();
 
     // the row of (cache layer ikv, cell, group) of one of the alias tensors, as bytes: read / write through
     // memcpy in host memory, else through the backend

@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
 
 void llama_kv_cache_l2::row_get(const ggml_tensor * rows, uint32_t row, void * dst) {
     const size_t nb1 = rows->nb[1];
@@ -158,4 +159,84 @@ uint32_t llama_kv_cache_l2::recall_inject(const llama_l2kv_spans & spans) {
     n_recalls  += 1;
     n_recalled += n_back;
     return n_new;
+}
+
+ggml_tensor * llama_kv_cache_l2::cpy_q(ggml_context * ctx, ggml_tensor * q_cur, int32_t il) const {
+    if (detaching || !capture_q) {
+        return nullptr;
+    }
+    const int32_t ikv = layer_ikv(il);
+    if (ikv < 0 || qcap[ikv] == nullptr) {
+        return nullptr;
+    }
+    const int64_t d  = q_cur->ne[0];
+    const int64_t nh = q_cur->ne[1];
+    const int64_t nt = q_cur->ne[2];
+    if (d*nh != qcap[ikv]->ne[0] || nt > qcap[ikv]->ne[1]) {
+        return nullptr; // not this layout (cannot happen for the ubatches the context was made for)
+    }
+    ggml_tensor * dst = ggml_view_3d(ctx, qcap[ikv], d, nh, nt, d*sizeof(float), d*nh*sizeof(float), 0);
+    return ggml_cpy(ctx, q_cur, dst);
+}
+
+int32_t llama_kv_cache_l2::capture_start(uint32_t n_q) {
+    if (capture_q && n_q == n_q_max) {
+        return LLAMA_L2KV_STATUS_OK;
+    }
+    capture_stop();
+    qcap.clear();
+    qcap_bufs.clear(); // (the graphs that read them are rebuilt before the next decode: pending_reset)
+    const auto & hparams = kv.hparams;
+    const uint32_t n_layer = this->n_layer();
+
+    // like the norms: in the buffer type of the layer's K, so that the copy runs where Q is computed
+    std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_map;
+    std::vector<ggml_context_ptr> ctxs;
+    qcap.assign(n_layer, nullptr);
+    for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
+        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(kv.layers[ikv].k->buffer);
+        auto it = ctx_map.find(buft);
+        if (it == ctx_map.end()) {
+            ggml_init_params ip = { size_t(n_layer)*ggml_tensor_overhead(), nullptr, true };
+            ggml_context * ctx = ggml_init(ip);
+            if (!ctx) {
+                return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
+            }
+            ctxs.emplace_back(ctx);
+            it = ctx_map.emplace(buft, ctx).first;
+        }
+        const int32_t il = layer_il(ikv);
+        qcap[ikv] = ggml_new_tensor_2d(it->second, GGML_TYPE_F32,
+                (int64_t) hparams.n_embd_head_k(il)*hparams.n_head(il), n_q);
+        ggml_format_name(qcap[ikv], "l2kv_q_l%d", il);
+    }
+    for (auto & ctx : ctxs) {
+        ggml_backend_buffer_type_t buft = nullptr;
+        for (const auto & [b, c] : ctx_map) {
+            if (c == ctx.get()) {
+                buft = b;
+            }
+        }
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx.get(), buft);
+        if (!buf) {
+            qcap.clear();
+            qcap_bufs.clear();
+            llama_l2kv_error("%s: failed to allocate the query buffer\n", __func__);
+            return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
+        }
+        ggml_backend_buffer_clear(buf, 0);
+        qcap_bufs.emplace_back(std::move(ctx), buf);
+    }
+    n_q_max       = n_q;
+    capture_q     = true;
+    pending_reset = true; // graphs built so far lack the copy
+    return LLAMA_L2KV_STATUS_OK;
+}
+
+void llama_kv_cache_l2::capture_stop() {
+    if (capture_q) {
+        pending_reset = true; // graphs built so far read qcap
+    }
+    capture_q = false;
+    n_q_max   = 0;
 }

@@ -628,3 +628,51 @@ int32_t llama_l2kv_recall(struct llama_context * ctx, const int32_t * span_first
     l2->t_recall_us += ggml_time_us() - t_start_us;
     return (int32_t) n_new;
 }
+
+int32_t llama_l2kv_capture_queries(struct llama_context * ctx, int32_t n_tokens_max) {
+    llama_l2kv_clear_error();
+    if (ctx == nullptr || n_tokens_max < 0) {
+        llama_l2kv_error("%s: n_tokens_max must be >= 0 (got %d)\n", __func__, n_tokens_max);
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    llama_kv_cache_l2 * l2 = llama_l2kv_get_enabled(ctx, __func__);
+    if (l2 == nullptr) {
+        return LLAMA_L2KV_STATUS_NOT_ENABLED;
+    }
+    ctx->synchronize();
+    int32_t status = LLAMA_L2KV_STATUS_OK;
+    if (n_tokens_max == 0) {
+        l2->capture_stop();
+    } else {
+        status = l2->capture_start((uint32_t) n_tokens_max);
+    }
+    ctx->memory_update(false); // rebuild the graphs with (or without) the copy
+    return status;
+}
+
+int32_t llama_l2kv_read_queries(struct llama_context * ctx, int32_t il, int32_t n_tokens, float * out) {
+    llama_l2kv_clear_error();
+    if (ctx == nullptr || n_tokens < 0) {
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    const llama_kv_cache_l2 * l2 = llama_l2kv_get_enabled(ctx, __func__);
+    if (l2 == nullptr) {
+        return LLAMA_L2KV_STATUS_NOT_ENABLED;
+    }
+    if (!l2->capture_q) {
+        llama_l2kv_error("%s: queries are not captured (llama_l2kv_capture_queries)\n", __func__);
+        return LLAMA_L2KV_STATUS_INVALID_STATE;
+    }
+    const int32_t ikv = l2->layer_ikv(il);
+    if (ikv < 0 || (uint32_t) n_tokens > l2->n_q_max) {
+        llama_l2kv_error("%s: layer %d is not budgeted, or n_tokens (%d) > the %u captured per ubatch\n", __func__, il,
+                n_tokens, l2->n_q_max);
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    const ggml_tensor * q = l2->qcap[ikv];
+    if (out != nullptr && n_tokens > 0) {
+        ctx->synchronize();
+        ggml_backend_tensor_get(q, out, 0, (size_t) n_tokens*q->nb[1]);
+    }
+    return (int32_t) q->ne[0];
+}
