@@ -242,3 +242,51 @@ def test_the_archive_is_saved_and_restored_with_the_state(tiny_model):
     finally:
         llm.close()
         other.close()
+
+
+def test_captured_queries_are_the_post_rope_queries(tiny_model):
+    """Layer 0's queries and keys depend only on token and position, and RoPE makes q(p + o) . k(p) depend
+    on the offset o alone: the captured query of one token against the cached key of another is the same
+    at positions 0 and 37, and differs for another offset."""
+    x, y, z = 17, 29, 41
+
+    def dots(p0):
+        llm = make_llm(tiny_model, n_ctx=256, n_batch=N_BATCH)
+        try:
+            cache.enable(llm.ctx, L2KVConfig(kv_budget=BUDGET))
+            archive.capture_queries(llm.ctx, N_BATCH)
+            if p0:
+                decode(llm, random_tokens(p0), 0)
+            decode(llm, [x, y, z], p0)
+            n_head_kv = cache.read_layer(llm.ctx, 0)[1].shape[1]
+            k = cache.read_kv(llm.ctx, 0, "k", p0, 3).view(np.float16).astype(np.float32)
+            k = k.reshape(3, n_head_kv, -1)
+            q = archive.read_queries(llm.ctx, 0, 3, k.shape[2])  # [token, head, d]
+            r = q.shape[1] // n_head_kv
+            kx = np.repeat(k[0], r, axis=0)  # the KV head of every query head
+            return np.sum(q[1] * kx, axis=1), np.sum(q[2] * kx, axis=1)  # offsets 1 and 2, per query head
+        finally:
+            llm.close()
+
+    (a1, a2), (b1, b2) = dots(0), dots(37)
+    np.testing.assert_allclose(b1, a1, rtol=1e-2, atol=1e-2 * np.abs(a1).max())
+    np.testing.assert_allclose(b2, a2, rtol=1e-2, atol=1e-2 * np.abs(a2).max())
+    assert np.abs(a1 - a2).max() > 0.1 * np.abs(a1).max()  # the offset matters: these are rotated queries
+
+
+def test_queries_are_refused_unless_captured(tiny_model):
+    llm = make_llm(tiny_model, n_ctx=256, n_batch=N_BATCH)
+    try:
+        cache.enable(llm.ctx, L2KVConfig(kv_budget=BUDGET))
+        decode(llm, random_tokens(10), 0)
+        with pytest.raises(InvalidParamsError, match="queries are not captured"):
+            archive.read_queries(llm.ctx, 0, 3, 32)
+        archive.capture_queries(llm.ctx, N_BATCH)
+        with pytest.raises(InvalidParamsError, match="n_tokens \\(65\\) > the 64 captured"):
+            archive.read_queries(llm.ctx, 0, 65, 32)
+        archive.capture_queries(llm.ctx, 0)
+        decode(llm, random_tokens(5), 10)  # the graphs lost the copy and still run
+        with pytest.raises(InvalidParamsError, match="queries are not captured"):
+            archive.read_queries(llm.ctx, 0, 3, 32)
+    finally:
+        llm.close()

@@ -13,7 +13,15 @@ from l2kv_cpp.config import L2KVConfig
 from l2kv_cpp.errors import InvalidParamsError
 from l2kv_cpp.eval import niah
 from l2kv_cpp.eval.tasks import niah_document
-from l2kv_cpp.recall import RecallSettings, bm25_scores, choose_spans, lexical_spans, words
+from l2kv_cpp.recall import (
+    RecallSettings,
+    bm25_scores,
+    choose_spans,
+    combine_scores,
+    lexical_spans,
+    query_block_scores,
+    words,
+)
 from l2kv_cpp.sampling import SamplingSettings
 from l2kv_cpp.session import L2KVModel, ModelSettings
 
@@ -118,3 +126,16 @@ def test_without_recall_nothing_is_archived(tiny_model):
         assert cache.stats(m.llm.ctx).n_evictions > 0
         st = archive.stats(m.llm.ctx)
         assert not st.enabled and st.n_entries == 0
+
+
+def test_query_scores_put_the_attended_block_first():
+    rng = np.random.default_rng(0)
+    d = 16
+    keys = rng.normal(size=(64, d))
+    pos = np.arange(64) + 100  # archived positions 100..163: blocks 6..10 of 16
+    target = keys[37] * 3  # a query aligned with the key at position 137 (block 8)
+    scores = query_block_scores([(pos, keys, np.stack([target, rng.normal(size=d)]))], 11, 16)
+    assert int(np.argmax(scores)) == 137 // 16
+    assert scores[:6].sum() == 0  # blocks with no archived entry get nothing
+    assert combine_scores([0, 2, 1], [0.5, 0, 1]) == [0.25, 0.5, 0.75]
+    assert combine_scores([0, 0], [0, 0]) == [0.0, 0.0]
