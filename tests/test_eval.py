@@ -92,6 +92,21 @@ def test_compression_grid_and_budget():
     assert Compression("full", 1.0).budget(1000) is None
 
 
+def test_recall_settings_are_a_variant_and_off_keeps_the_old_record_keys():
+    from l2kv_cpp.eval.report import variant, variant_label
+    from l2kv_cpp.eval.tasks import _comp_config
+
+    grid = compressions((0.5,), ("key-diff",), recalls=("off", "lexical:64:exchange"))
+    assert [c.recall for c in grid] == ["off", "off", "lexical:64:exchange"]
+    off, on = _comp_config(grid[1]), _comp_config(grid[2])
+    assert "recall" not in off and on["recall"] == "lexical:64:exchange"
+    assert variant(off)[3] == "off" and variant(on)[3] == "lexical:64:exchange"
+    assert variant_label(variant(on)).endswith("+ recall lexical:64:exchange")
+    assert grid[2].l2kv(1000).recall.n_tokens == 64 and not grid[2].l2kv(1000).recall.grow
+    with pytest.raises(ValueError):
+        Compression("key-diff", 0.5, recall="telepathy")
+
+
 @pytest.mark.slow
 def test_passkey_smoke_on_the_demo_model(tmp_path, smollm2_path):
     """Structure and ordering, not luck: the full cache answers, every run is recorded with its budget,
