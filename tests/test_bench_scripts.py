@@ -47,3 +47,21 @@ def test_long_ppl_prints_one_row_per_bucket(tiny_model):
     assert "policy window, budget 128, n_sink 4" in out and "policy key-diff" in out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "-" in line.split("|")[1]]
     assert [r.split("|")[1].strip() for r in rows] == ["0-200", "200-400", "400-599"] * 2
+
+
+def test_bench_recall_prints_every_setting_and_turn(tiny_model):
+    out = _run(
+        "bench_recall.py", "--model", str(tiny_model), "--n-doc", "600", "--budget", "128", "--batch", "32",
+        "--n-predict", "4",
+    )  # fmt: skip
+    rows = [
+        line.split()
+        for line in out.splitlines()
+        if line.split()[:1] in (["off"], ["lexical"], ["lexical:128:exchange"])
+    ]
+    assert [(r[0], r[1]) for r in rows] == [
+        (s, str(t)) for s in ("off", "lexical", "lexical:128:exchange") for t in (1, 2, 3)
+    ]
+    off, on = rows[:3], rows[3:]
+    assert all(float(r[2]) == 0 and float(r[6]) == 0 for r in off)  # no recall, no archive
+    assert all(float(r[6]) > 0 for r in on)  # the archive holds what the document lost
