@@ -395,7 +395,14 @@ def info(model: str | None, kv_budget: int, kv_slack: int, batch_size: int, ubat
     click.echo(
         tabulate(
             rows,
-            headers=["cache type", "bytes/token (budgeted layers)", "with eviction", "full context", "saved"],
+            headers=[
+                "cache type",
+                "bytes/token (budgeted layers)",
+                "with eviction",
+                "full context",
+                "saved",
+                "archive/evicted token (--recall, host)",
+            ],
             tablefmt="github",
         )
     )

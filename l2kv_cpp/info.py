@@ -57,6 +57,11 @@ class ModelInfo:
         layers = self.full_layers if layers is None else layers
         return sum((lay.n_embd_head_k + lay.n_embd_head_v) * lay.n_head_kv * per_elem for lay in layers)
 
+    def archive_bytes_per_token(self, cache_type: str) -> float:
+        """Host memory the archive (--recall) takes per evicted token: K and V rows of every budgeted
+        (layer, KV head) in the cache type, plus its squared key norm and true position (4 bytes each)."""
+        return self.kv_bytes_per_token(cache_type) + 8 * sum(lay.n_head_kv for lay in self.full_layers)
+
     def kv_bytes(self, cache_type: str, n_cells_full: int, n_cells_swa: int) -> float:
         """K/V bytes with n_cells_full cells in the full-attention layers and n_cells_swa in the window layers."""
         return (
@@ -119,6 +124,7 @@ def memory_rows(info: ModelInfo, budget_cells: int, n_ubatch: int) -> list[list[
                 f"{at_budget / 2**20:.1f} MiB",
                 f"{full / 2**20:.1f} MiB",
                 f"{full / at_budget:.1f}x",
+                f"{info.archive_bytes_per_token(t) / 1024:.1f} KiB",
             ]
         )
     return rows

@@ -166,6 +166,9 @@ def test_info_on_tiny_model(tiny_model):
     assert "| f16          | 1.0 KiB" in res.stdout
     # the buffer with eviction holds kv_budget + slack cells: (1024 + 512) KiB, (1024 + 2048) KiB
     assert "| 1.5 MiB " in res.stdout and "+ batch 512 cells" in res.stdout
+    # the archive per evicted token: 1024 bytes of K/V + 8 KV heads x (norm + position) = 1088 bytes
+    f16 = next(line for line in res.stdout.splitlines() if line.startswith("| f16"))
+    assert f16.rstrip("| ").endswith("1.1 KiB")
     res = invoke("info", str(tiny_model), "--kv-budget", "1024", "--kv-slack", "2048")
     assert res.exit_code == 0, res.output
     assert "| 3.0 MiB " in res.stdout and "+ slack 2048 cells" in res.stdout
