@@ -260,10 +260,10 @@ struct llama_kv_cache_l2 {
     int32_t capture_start(uint32_t n_q_max);
     void    capture_stop();
 
-    // the row of (cache layer ikv, cell, group) of one of the alias tensors, as bytes: read / write through
-    // memcpy in host memory, else through the backend
-    static void row_get(const ggml_tensor * rows, uint32_t row, void * dst);
-    static void row_set(ggml_tensor * rows, uint32_t row, const void * src);
+    // rows [r0, r0 + n) of one of the alias tensors (row = cell*n_group + group), as bytes: memcpy in host
+    // memory, else one transfer through the backend
+    static void rows_get(const ggml_tensor * rows, uint32_t r0, uint32_t n, void * dst);
+    static void rows_set(ggml_tensor * rows, uint32_t r0, uint32_t n, const void * src);
 
     // a graph on the context's scheduler (reset, so the next decode rebuilds its own): begin_graph gives the
     // result to build in, run_graph allocates, sets the inputs and computes it; false (and an error naming

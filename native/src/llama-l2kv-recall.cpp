@@ -26,21 +26,26 @@
 #include <cstring>
 #include <map>
 
-void llama_kv_cache_l2::row_get(const ggml_tensor * rows, uint32_t row, void * dst) {
+// memory the host can read and write in place (LLAMA_L2KV_FORCE_GRAPHS takes the backend path, for tests)
+static bool llama_l2kv_in_place(const ggml_tensor * t) {
+    return ggml_backend_buffer_is_host(t->buffer) && !llama_l2kv_force_graphs();
+}
+
+void llama_kv_cache_l2::rows_get(const ggml_tensor * rows, uint32_t r0, uint32_t n, void * dst) {
     const size_t nb1 = rows->nb[1];
-    if (ggml_backend_buffer_is_host(rows->buffer)) {
-        memcpy(dst, (const char *) rows->data + (size_t) row*nb1, nb1);
-    } else {
-        ggml_backend_tensor_get(rows, dst, (size_t) row*nb1, nb1);
+    if (llama_l2kv_in_place(rows)) {
+        memcpy(dst, (const char *) rows->data + (size_t) r0*nb1, (size_t) n*nb1);
+    } else if (n > 0) {
+        ggml_backend_tensor_get(rows, dst, (size_t) r0*nb1, (size_t) n*nb1); // one transfer, not one per row
     }
 }
 
-void llama_kv_cache_l2::row_set(ggml_tensor * rows, uint32_t row, const void * src) {
+void llama_kv_cache_l2::rows_set(ggml_tensor * rows, uint32_t r0, uint32_t n, const void * src) {
     const size_t nb1 = rows->nb[1];
-    if (ggml_backend_buffer_is_host(rows->buffer)) {
-        memcpy((char *) rows->data + (size_t) row*nb1, src, nb1);
-    } else {
-        ggml_backend_tensor_set(rows, src, (size_t) row*nb1, nb1);
+    if (llama_l2kv_in_place(rows)) {
+        memcpy((char *) rows->data + (size_t) r0*nb1, src, (size_t) n*nb1);
+    } else if (n > 0) {
+        ggml_backend_tensor_set(rows, src, (size_t) r0*nb1, (size_t) n*nb1);
     }
 }
 
@@ -56,15 +61,36 @@ void llama_kv_cache_l2::archive_start() {
 }
 
 void llama_kv_cache_l2::archive_dropped(uint32_t ikv, const std::vector<dropped_entry> & dropped) {
-    const auto & lay = archive.layout(ikv);
+    if (dropped.empty()) {
+        return;
+    }
     const uint32_t ng = n_group(ikv);
-    std::vector<uint8_t> buf(lay.total());
+    // the rows of the cells the dropped entries span, read once per tensor (in place on the host)
+    uint32_t c0 = UINT32_MAX;
+    uint32_t c1 = 0;
     for (const auto & d : dropped) {
-        const uint32_t row = d.cell*ng + d.group;
-        row_get(k_rows[ikv],  row, buf.data());
-        row_get(v_rows[ikv],  row, buf.data() + lay.k);
-        row_get(kn_rows[ikv], row, buf.data() + lay.k + lay.v);
-        archive.add(ikv, d.group, d.pos, buf.data(), buf.data() + lay.k, buf.data() + lay.k + lay.v);
+        c0 = std::min(c0, d.cell);
+        c1 = std::max(c1, d.cell + 1);
+    }
+    const uint32_t r0 = c0*ng;
+    const uint32_t nr = (c1 - c0)*ng;
+    const ggml_tensor * tensors[3] = { k_rows[ikv], v_rows[ikv], kn_rows[ikv] };
+    const uint8_t * base[3];
+    std::vector<uint8_t> staged[3];
+    for (int i = 0; i < 3; ++i) {
+        const ggml_tensor * t = tensors[i];
+        if (llama_l2kv_in_place(t)) {
+            base[i] = (const uint8_t *) t->data + (size_t) r0*t->nb[1];
+        } else {
+            staged[i].resize((size_t) nr*t->nb[1]);
+            rows_get(t, r0, nr, staged[i].data());
+            base[i] = staged[i].data();
+        }
+    }
+    for (const auto & d : dropped) {
+        const size_t r = (size_t) d.cell*ng + d.group - r0;
+        archive.add(ikv, d.group, d.pos, base[0] + r*tensors[0]->nb[1], base[1] + r*tensors[1]->nb[1],
+                base[2] + r*tensors[2]->nb[1]);
     }
 }
 
@@ -97,7 +123,6 @@ uint32_t llama_kv_cache_l2::recall_inject(const llama_l2kv_spans & spans) {
     uint32_t m_min  = n_new;
     std::vector<int32_t> pos;
     std::vector<uint8_t> rows;
-    std::vector<uint8_t> copy;
     for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
         const uint32_t nh  = n_head_kv(ikv);
         const uint32_t ng  = n_group(ikv);
@@ -105,7 +130,18 @@ uint32_t llama_kv_cache_l2::recall_inject(const llama_l2kv_spans & spans) {
         auto & tp = tpos[ikv];
         tp.resize((size_t) n_cells*nh, -1);
         filler[ikv].assign((size_t) n_cells*ng, 0);
-        copy.resize(lay.total());
+
+        // per tensor: the new rows, staged and written at once; the kept rows fillers copy (cells [0, n_src))
+        ggml_tensor * tensors[3] = { k_rows[ikv], v_rows[ikv], kn_rows[ikv] };
+        const size_t  offset[3]  = { 0, lay.k, lay.k + lay.v };
+        const uint32_t n_src = std::min(n_new, n_keep);
+        std::vector<uint8_t> stage[3];
+        std::vector<uint8_t> src[3];
+        for (int i = 0; i < 3; ++i) {
+            stage[i].resize((size_t) n_new*ng*tensors[i]->nb[1]);
+            src[i].resize((size_t) n_src*ng*tensors[i]->nb[1]);
+            rows_get(tensors[i], 0, n_src*ng, src[i].data());
+        }
 
         for (uint32_t g = 0; g < ng; ++g) {
             pos.clear();
@@ -115,30 +151,32 @@ uint32_t llama_kv_cache_l2::recall_inject(const llama_l2kv_spans & spans) {
             m_min   = std::min(m_min, m);
             for (uint32_t j = 0; j < n_new; ++j) {
                 const uint32_t cell = n_keep + j;
-                const uint32_t row  = cell*ng + g;
-                const uint8_t * src = nullptr;
+                const size_t   dst  = (size_t) j*ng + g; // row in the stage
                 if (j < m) {
-                    src = rows.data() + (size_t) j*lay.total();
+                    for (int i = 0; i < 3; ++i) {
+                        const size_t nb = tensors[i]->nb[1];
+                        memcpy(stage[i].data() + dst*nb, rows.data() + (size_t) j*lay.total() + offset[i], nb);
+                    }
                     for (uint32_t h = 0; h < (params.per_head ? 1 : nh); ++h) {
                         tp[(size_t) cell*nh + (params.per_head ? g : h)] = pos[j];
                     }
                 } else {
                     // a filler: the kept entry of cell (j - m) mod kv_budget, evicted first
                     const uint32_t from = (j - m) % n_keep;
-                    row_get(k_rows[ikv],  from*ng + g, copy.data());
-                    row_get(v_rows[ikv],  from*ng + g, copy.data() + lay.k);
-                    row_get(kn_rows[ikv], from*ng + g, copy.data() + lay.k + lay.v);
-                    src = copy.data();
+                    for (int i = 0; i < 3; ++i) {
+                        const size_t nb = tensors[i]->nb[1];
+                        memcpy(stage[i].data() + dst*nb, src[i].data() + ((size_t) from*ng + g)*nb, nb);
+                    }
                     for (uint32_t h = 0; h < (params.per_head ? 1 : nh); ++h) {
                         const uint32_t hh = params.per_head ? g : h;
                         tp[(size_t) cell*nh + hh] = tp[(size_t) from*nh + hh];
                     }
-                    filler[ikv][(size_t) row] = 1;
+                    filler[ikv][(size_t) cell*ng + g] = 1;
                 }
-                row_set(k_rows[ikv],  row, src);
-                row_set(v_rows[ikv],  row, src + lay.k);
-                row_set(kn_rows[ikv], row, src + lay.k + lay.v);
             }
+        }
+        for (int i = 0; i < 3; ++i) {
+            rows_set(tensors[i], n_keep*ng, n_new*ng, stage[i].data());
         }
     }
 
