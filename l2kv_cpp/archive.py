@@ -23,8 +23,10 @@ class ArchiveStats:
     """Python view of `struct llama_l2kv_archive_stats`."""
 
     enabled: bool
+    on_disk: bool  # the rows are in temporary files
     n_entries: int  # (layer, KV head) rows held
-    n_bytes: int  # host memory they take
+    n_bytes: int  # what they take (in RAM unless on_disk)
+    n_disk_bytes: int  # size of the temporary files
     n_recalls: int  # recalls that brought entries back
     n_recalled: int  # rows brought back, summed over recalls
     t_recall_ms: float  # wall time of every recall, its eviction included
@@ -40,10 +42,15 @@ class ArchivedRows:
     norm: np.ndarray  # uint8 [n, norm bytes] (float32 squared norms)
 
 
-def enable(ctx: Any, on: bool = True) -> None:
-    """Start keeping evicted entries (on) or stop and drop the archive (off)."""
+def enable(ctx: Any, on: bool = True, on_disk: bool = False) -> None:
+    """Start keeping evicted entries (on; their rows in RAM, or in temporary files with on_disk) or stop and
+    drop the archive (off)."""
     nat = native()
-    _check(nat.lib.llama_l2kv_archive_enable(nat.ctx_ptr(ctx), on), "llama_l2kv_archive_enable")
+    params = nat.ffi.NULL
+    if on:
+        params = nat.ffi.new("struct llama_l2kv_archive_params *", nat.lib.llama_l2kv_archive_default_params())
+        params.on_disk = on_disk
+    _check(nat.lib.llama_l2kv_archive_enable(nat.ctx_ptr(ctx), params), "llama_l2kv_archive_enable")
 
 
 def stats(ctx: Any) -> ArchiveStats:

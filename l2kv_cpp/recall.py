@@ -42,6 +42,7 @@ class RecallSettings:
     # what every (layer, head) got back stays on top of the budget, in the slack cells the KV buffer holds
     # anyway (llama_l2kv_recall); False: evict back to the budget at once (equal entries, for comparisons)
     grow: bool = True
+    on_disk: bool = False  # the archived rows in temporary files instead of RAM (llama_l2kv_archive_params)
 
     def __post_init__(self) -> None:
         if self.mode not in RECALL_MODES:
@@ -62,18 +63,20 @@ class RecallSettings:
 
     @classmethod
     def parse(cls, value: str) -> RecallSettings:
-        """ "off", "lexical", "lexical:N" (N positions per recall), with ":exchange" to stay at the budget."""
+        """ "off", "lexical", "lexical:N" (N positions per recall), then any of ":exchange" (stay at the
+        budget) and ":disk" (the archive in temporary files), e.g. "lexical:128:exchange:disk"."""
         parts = value.strip().split(":")
-        grow = parts[-1] != "exchange"
-        if not grow:
-            parts.pop()
+        flags = set()
+        while len(parts) > 1 and parts[-1] in ("exchange", "disk"):
+            flags.add(parts.pop())
         try:
             if len(parts) > 2:
                 raise ValueError
-            return cls(mode=parts[0], grow=grow, **({"n_tokens": int(parts[1])} if len(parts) == 2 else {}))
+            n = {"n_tokens": int(parts[1])} if len(parts) == 2 else {}
+            return cls(mode=parts[0], grow="exchange" not in flags, on_disk="disk" in flags, **n)
         except ValueError:
             raise InvalidParamsError(
-                f"recall {value!r}: expected MODE[:N_TOKENS][:exchange], e.g. lexical:128"
+                f"recall {value!r}: expected MODE[:N_TOKENS][:exchange][:disk], e.g. lexical:128"
             ) from None
 
 

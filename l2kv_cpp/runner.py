@@ -182,7 +182,8 @@ def stats_text(model: L2KVModel, last: GenerationResponse | None, prompt_tps: fl
     if model.l2kv is not None and model.l2kv.recall.enabled:
         ar = archive.stats(model.llm.ctx)
         lines.append(
-            f"archive        {ar.n_entries} evicted entries in host memory ({ar.n_bytes / 2**20:.1f} MiB); "
+            f"archive        {ar.n_entries} evicted entries ({ar.n_bytes / 2**20:.1f} MiB"
+            f"{f', in a {ar.n_disk_bytes / 2**20:.1f} MiB temporary file' if ar.on_disk else ' in RAM'}); "
             f"{ar.n_recalls} recalls brought {ar.n_recalled} back ({ar.t_recall_ms:.0f} ms)"
         )
     if last is not None:

@@ -115,7 +115,7 @@ class L2KVModel:
             try:
                 cache.enable(self.llm.ctx, l2kv)
                 if l2kv.recall.enabled:
-                    archive.enable(self.llm.ctx)  # evicted entries are kept for recall
+                    archive.enable(self.llm.ctx, on_disk=l2kv.recall.on_disk)  # evicted entries kept for recall
             except Exception:
                 self.llm.close()
                 raise

@@ -290,3 +290,41 @@ def test_queries_are_refused_unless_captured(tiny_model):
             archive.read_queries(llm.ctx, 0, 3, 32)
     finally:
         llm.close()
+
+
+def test_an_archive_on_disk_holds_and_gives_back_the_same_rows(tiny_model):
+    """Rows in temporary files instead of RAM: the same entries, the same bytes, the same recall; the files
+    keep their slots for reuse after a recall, and stopping the archive drops them."""
+    tokens = random_tokens(400, seed=9)
+    out = []
+    for on_disk in (False, True):
+        llm = make_llm(tiny_model, n_ctx=256, n_batch=N_BATCH)
+        try:
+            cache.enable(llm.ctx, L2KVConfig(kv_budget=BUDGET, n_sink=2, n_recent=4))
+            archive.enable(llm.ctx, on_disk=on_disk)
+            decode(llm, tokens, 0)
+            cache.evict_now(llm.ctx)
+            st = archive.stats(llm.ctx)
+            assert st.on_disk == on_disk and (st.n_disk_bytes > 0) == on_disk
+            before = [archive.read(llm.ctx, il, h) for il in range(2) for h in range(2)]
+            archive.recall(llm.ctx, [(100, 140)])
+            after = [archive.read(llm.ctx, il, h) for il in range(2) for h in range(2)]
+            kv = [cache.read_kv(llm.ctx, il, "k", 0, BUDGET + 40).tobytes() for il in range(2)]
+            mid = archive.stats(llm.ctx)
+            decode(llm, tokens[:70], 400)  # the next eviction reuses the slots the recall freed
+            end = archive.stats(llm.ctx)
+            if on_disk:
+                row = st.n_bytes // st.n_entries - 4  # K + V + norm bytes of one row (every layer alike)
+                added = end.n_entries - mid.n_entries
+                assert end.n_disk_bytes >= end.n_entries * row  # every row held is in the files
+                assert end.n_disk_bytes - st.n_disk_bytes < added * row  # not all new: freed slots reused
+            out.append((st.n_entries, st.n_bytes, before, after, kv))
+            archive.enable(llm.ctx, False)
+            assert archive.stats(llm.ctx).n_disk_bytes == 0
+        finally:
+            llm.close()
+    (n0, b0, before0, after0, kv0), (n1, b1, before1, after1, kv1) = out
+    assert (n0, b0) == (n1, b1) and kv0 == kv1
+    for a, b in zip(before0 + after0, before1 + after1, strict=True):
+        assert np.array_equal(a.pos, b.pos) and a.k.tobytes() == b.k.tobytes() and a.v.tobytes() == b.v.tobytes()
+        assert a.norm.tobytes() == b.norm.tobytes()

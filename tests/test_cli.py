@@ -126,7 +126,7 @@ def test_options_read_environment_variables(tiny_model):
         (["--kv-slack", "16"], "n_slack (16) must be 0 (n_batch) or >= n_batch (32): a batch is stored whole"),
         (["--kv-slack", "128", "-c", "160"], "-c/--ctx-size 160 is too small for kv_budget 64 + n_slack 128"),
         (["-f", "/nonexistent/doc.txt"], "-f/--file: /nonexistent/doc.txt does not exist"),
-        (["--recall", "semantic"], "recall 'semantic': expected MODE[:N_TOKENS][:exchange]"),
+        (["--recall", "semantic"], "recall 'semantic': expected MODE[:N_TOKENS][:exchange][:disk]"),
         (["--recall", "lexical:0"], "recall 'lexical:0'"),
     ],
 )

@@ -23,7 +23,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define LLAMA_L2KV_ABI_VERSION 9
+#define LLAMA_L2KV_ABI_VERSION 10
 
 #ifdef __cplusplus
 extern "C" {
@@ -245,18 +245,28 @@ extern "C" {
     // (layer, head) got back: the entries beyond that are exchanged for those the policy ranks lowest
     // (they go to the archive). The cache never holds more than kv_budget + n_slack entries.
 
+    struct llama_l2kv_archive_params {
+        bool on_disk; // false: the rows in RAM; true: in unnamed temporary files (std::tmpfile, in $TMPDIR on
+                      // POSIX systems, removed when closed), RAM holding only positions and slots (12 bytes a row)
+    };
+
     struct llama_l2kv_archive_stats {
-        bool     enabled;     // evicted entries go to the archive
-        uint64_t n_entries;   // (layer, group) rows held; a group is a KV head (per-head mode) or a layer
-        uint64_t n_bytes;     // host memory they take: K, V and norm rows, and positions
+        bool     enabled;      // evicted entries go to the archive
+        bool     on_disk;      // its rows are in temporary files
+        uint64_t n_entries;    // (layer, group) rows held; a group is a KV head (per-head mode) or a layer
+        uint64_t n_bytes;      // what they take: K, V and norm rows, and positions (in RAM unless on_disk)
+        uint64_t n_disk_bytes; // size of the temporary files (their freed slots included; 0 in RAM)
         uint64_t n_recalls;   // recalls that brought entries back
         uint64_t n_recalled;  // rows brought back, summed over recalls
         double   t_recall_ms; // wall time of all recalls, the evictions they ran included
     };
 
-    // start (enable = true) or stop keeping evicted entries; stopping drops the archive. Entries evicted
-    // before the archive was started are lost
-    LLAMA_API int32_t llama_l2kv_archive_enable(struct llama_context * ctx, bool enable);
+    // defaults: rows in RAM
+    LLAMA_API struct llama_l2kv_archive_params llama_l2kv_archive_default_params(void);
+
+    // start keeping evicted entries (params not NULL; a running archive is dropped and started again with the
+    // params) or stop (NULL), which drops the archive. Entries evicted before the archive was started are lost
+    LLAMA_API int32_t llama_l2kv_archive_enable(struct llama_context * ctx, const struct llama_l2kv_archive_params * params);
 
     LLAMA_API int32_t llama_l2kv_archive_get_stats(const struct llama_context * ctx, struct llama_l2kv_archive_stats * out);
 

@@ -1237,9 +1237,9 @@ void llama_kv_cache_l2::state_write(llama_io_write_i & io, llama_seq_id seq_id) 
         const uint64_t row = archive.layout(ikv).total();
         io.write(&row, sizeof(row));
         for (uint32_t g = 0; g < n_group(ikv); ++g) {
-            const auto & pos  = archive.positions(ikv, g);
-            const auto & rows = archive.rows(ikv, g);
-            const uint32_t n = pos.size();
+            std::vector<int32_t> pos;
+            std::vector<uint8_t> rows;
+            const uint32_t n = archive.read(ikv, g, pos, rows);
             io.write(&n, sizeof(n));
             io.write(pos.data(),  pos.size()*sizeof(int32_t));
             io.write(rows.data(), rows.size());
@@ -1303,8 +1303,8 @@ void llama_kv_cache_l2::state_read(llama_io_read_i & io) {
             io.read(&on, sizeof(on));
         }
         if (on) {
-            if (!archive_on) {
-                archive_start(); // the state had one: keep it (and go on archiving)
+            if (!archive_on && !archive_start(false)) { // the state had one: keep it (and go on archiving)
+                throw std::runtime_error("cannot start the archive of evicted entries");
             }
             uint32_t n_pinned = 0;
             io.read(&n_pinned, sizeof(n_pinned));
@@ -1342,7 +1342,10 @@ void llama_kv_cache_l2::state_read(llama_io_read_i & io) {
             archive.clear();
             for (uint32_t ikv = 0; ikv < archive_in.size(); ++ikv) {
                 for (uint32_t g = 0; g < archive_in[ikv].size(); ++g) {
-                    archive.restore(ikv, g, std::move(archive_in[ikv][g].first), std::move(archive_in[ikv][g].second));
+                    if (!archive.restore(ikv, g, archive_in[ikv][g].first, archive_in[ikv][g].second)) {
+                        archive.clear();
+                        throw std::runtime_error("cannot write the archive of evicted entries to its temporary file");
+                    }
                 }
             }
             pinned = std::move(pinned_in);

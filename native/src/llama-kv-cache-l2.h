@@ -233,8 +233,10 @@ struct llama_kv_cache_l2 {
     // the non-empty cells, ascending
     std::vector<uint32_t> used_cells() const;
 
-    // archive (llama-l2kv-recall.cpp): start keeping dropped entries, with the row layout of every layer
-    void archive_start();
+    // archive (llama-l2kv-recall.cpp): start keeping dropped entries, with the row layout of every layer, in RAM
+    // or in temporary files; false when a temporary file cannot be created
+    bool archive_start(bool on_disk);
+    bool archive_write_failed = false; // a dropped entry could not be written (logged once)
 
     // archive the entries of cache layer ikv that an eviction drops: (cell, group, true position) each;
     // called before the compaction overwrites them

@@ -6,6 +6,15 @@
 #include <cstring>
 #include <numeric>
 
+// 64-bit file offsets on every platform
+static int llama_l2kv_seek(std::FILE * f, uint64_t off) {
+#ifdef _WIN32
+    return _fseeki64(f, (long long) off, SEEK_SET);
+#else
+    return fseeko(f, (off_t) off, SEEK_SET);
+#endif
+}
+
 bool llama_l2kv_spans_contain(const llama_l2kv_spans & spans, int32_t pos) {
     // the first span that ends after pos
     const auto it = std::upper_bound(spans.begin(), spans.end(), pos,
@@ -13,24 +22,71 @@ bool llama_l2kv_spans_contain(const llama_l2kv_spans & spans, int32_t pos) {
     return it != spans.end() && it->first <= pos;
 }
 
-void llama_l2kv_archive::init(const std::vector<uint32_t> & n_group, const std::vector<row_layout> & layout) {
-    layouts = layout;
-    stores.assign(n_group.size(), {});
-    for (size_t ikv = 0; ikv < n_group.size(); ++ikv) {
-        stores[ikv].resize(n_group[ikv]);
+uint64_t llama_l2kv_archive::pool::alloc() {
+    if (!free.empty()) {
+        const uint64_t s = free.back();
+        free.pop_back();
+        return s;
+    }
+    return n_slots++;
+}
+
+bool llama_l2kv_archive::pool::write(uint64_t s, size_t row, const uint8_t * src) {
+    if (!file) {
+        if (ram.size() < (s + 1)*row) {
+            ram.resize(std::max((s + 1)*row, ram.size()*3/2)); // amortized growth
+        }
+        memcpy(ram.data() + s*row, src, row);
+        return true;
+    }
+    return llama_l2kv_seek(file.get(), s*row) == 0 && std::fwrite(src, 1, row, file.get()) == row;
+}
+
+void llama_l2kv_archive::pool::read(uint64_t s, size_t row, uint8_t * dst) const {
+    if (!file) {
+        memcpy(dst, ram.data() + s*row, row);
+        return;
+    }
+    // (a row the archive wrote: a short read means the temporary file was damaged under us)
+    if (llama_l2kv_seek(file.get(), s*row) != 0 || std::fread(dst, 1, row, file.get()) != row) {
+        memset(dst, 0, row);
     }
 }
 
-void llama_l2kv_archive::add(uint32_t ikv, uint32_t g, int32_t pos, const void * k, const void * v, const void * kn) {
+bool llama_l2kv_archive::init(const std::vector<uint32_t> & n_group, const std::vector<row_layout> & layout, bool on_disk) {
+    disk    = on_disk;
+    layouts = layout;
+    stores.assign(n_group.size(), {});
+    pools.clear();
+    pools.resize(n_group.size());
+    for (size_t ikv = 0; ikv < n_group.size(); ++ikv) {
+        stores[ikv].resize(n_group[ikv]);
+        if (on_disk) {
+            pools[ikv].file.reset(std::tmpfile());
+            if (!pools[ikv].file) {
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+bool llama_l2kv_archive::add(uint32_t ikv, uint32_t g, int32_t pos, const void * k, const void * v, const void * kn) {
     const row_layout & lay = layouts[ikv];
+    std::vector<uint8_t> row(lay.total());
+    memcpy(row.data(),                 k,  lay.k);
+    memcpy(row.data() + lay.k,         v,  lay.v);
+    memcpy(row.data() + lay.k + lay.v, kn, lay.kn);
+    pool & pl = pools[ikv];
+    const uint64_t s = pl.alloc();
+    if (!pl.write(s, row.size(), row.data())) {
+        pl.free.push_back(s);
+        return false;
+    }
     group_store & st = stores[ikv][g];
     st.pos.push_back(pos);
-    const size_t off = st.rows.size();
-    st.rows.resize(off + lay.total());
-    uint8_t * dst = st.rows.data() + off;
-    memcpy(dst,                 k,  lay.k);
-    memcpy(dst + lay.k,         v,  lay.v);
-    memcpy(dst + lay.k + lay.v, kn, lay.kn);
+    st.slot.push_back(s);
+    return true;
 }
 
 std::vector<uint32_t> llama_l2kv_archive::select(uint32_t ikv, uint32_t g, const llama_l2kv_spans & spans,
@@ -56,6 +112,7 @@ uint32_t llama_l2kv_archive::count(uint32_t ikv, uint32_t g, const llama_l2kv_sp
 uint32_t llama_l2kv_archive::take(uint32_t ikv, uint32_t g, const llama_l2kv_spans & spans, uint32_t n_max,
         std::vector<int32_t> & pos, std::vector<uint8_t> & rows) {
     group_store & st = stores[ikv][g];
+    pool & pl = pools[ikv];
     const size_t row = layouts[ikv].total();
     const std::vector<uint32_t> idx = select(ikv, g, spans, n_max);
 
@@ -63,41 +120,55 @@ uint32_t llama_l2kv_archive::take(uint32_t ikv, uint32_t g, const llama_l2kv_spa
     for (uint32_t i : idx) {
         taken[i] = true;
         pos.push_back(st.pos[i]);
-        rows.insert(rows.end(), st.rows.begin() + (ptrdiff_t) (i*row), st.rows.begin() + (ptrdiff_t) ((i + 1)*row));
+        rows.resize(rows.size() + row);
+        pl.read(st.slot[i], row, rows.data() + rows.size() - row);
+        pl.free.push_back(st.slot[i]);
     }
     // keep the others, in their order
     size_t w = 0;
     for (size_t i = 0; i < st.pos.size(); ++i) {
-        if (taken[i]) {
-            continue;
+        if (!taken[i]) {
+            st.pos[w]  = st.pos[i];
+            st.slot[w] = st.slot[i];
+            ++w;
         }
-        if (w != i) {
-            st.pos[w] = st.pos[i];
-            memmove(st.rows.data() + w*row, st.rows.data() + i*row, row);
-        }
-        ++w;
     }
     st.pos.resize(w);
-    st.rows.resize(w*row);
+    st.slot.resize(w);
     return (uint32_t) idx.size();
-}
-
-void llama_l2kv_archive::restore(uint32_t ikv, uint32_t g, std::vector<int32_t> pos, std::vector<uint8_t> rows) {
-    stores[ikv][g].pos  = std::move(pos);
-    stores[ikv][g].rows = std::move(rows);
 }
 
 uint32_t llama_l2kv_archive::read(uint32_t ikv, uint32_t g, std::vector<int32_t> & pos, std::vector<uint8_t> & rows) const {
     const group_store & st = stores[ikv][g];
+    const pool & pl = pools[ikv];
     const size_t row = layouts[ikv].total();
     std::vector<uint32_t> idx(st.pos.size());
     std::iota(idx.begin(), idx.end(), 0);
     std::sort(idx.begin(), idx.end(), [&](uint32_t a, uint32_t b) { return st.pos[a] < st.pos[b]; });
     for (uint32_t i : idx) {
         pos.push_back(st.pos[i]);
-        rows.insert(rows.end(), st.rows.begin() + (ptrdiff_t) (i*row), st.rows.begin() + (ptrdiff_t) ((i + 1)*row));
+        rows.resize(rows.size() + row);
+        pl.read(st.slot[i], row, rows.data() + rows.size() - row);
     }
     return (uint32_t) idx.size();
+}
+
+bool llama_l2kv_archive::restore(uint32_t ikv, uint32_t g, const std::vector<int32_t> & pos, const std::vector<uint8_t> & rows) {
+    group_store & st = stores[ikv][g];
+    pool & pl = pools[ikv];
+    for (uint64_t s : st.slot) {
+        pl.free.push_back(s);
+    }
+    st.pos.clear();
+    st.slot.clear();
+    const size_t row = layouts[ikv].total();
+    for (size_t i = 0; i < pos.size(); ++i) {
+        const uint8_t * r = rows.data() + i*row;
+        if (!add(ikv, g, pos[i], r, r + layouts[ikv].k, r + layouts[ikv].k + layouts[ikv].v)) {
+            return false;
+        }
+    }
+    return true;
 }
 
 void llama_l2kv_archive::coverage(int32_t * counts, int32_t n_pos) const {
@@ -124,9 +195,19 @@ uint64_t llama_l2kv_archive::n_entries() const {
 
 size_t llama_l2kv_archive::n_bytes() const {
     size_t n = 0;
-    for (const auto & layer : stores) {
-        for (const auto & st : layer) {
-            n += st.rows.size() + st.pos.size()*sizeof(int32_t);
+    for (size_t ikv = 0; ikv < stores.size(); ++ikv) {
+        for (const auto & st : stores[ikv]) {
+            n += st.pos.size()*(layouts[ikv].total() + sizeof(int32_t));
+        }
+    }
+    return n;
+}
+
+size_t llama_l2kv_archive::n_disk_bytes() const {
+    size_t n = 0;
+    for (size_t ikv = 0; ikv < pools.size(); ++ikv) {
+        if (pools[ikv].file) {
+            n += pools[ikv].n_slots*layouts[ikv].total();
         }
     }
     return n;
@@ -136,8 +217,16 @@ void llama_l2kv_archive::clear() {
     for (auto & layer : stores) {
         for (auto & st : layer) {
             st.pos.clear();
-            st.rows.clear();
-            st.rows.shrink_to_fit();
+            st.slot.clear();
+        }
+    }
+    for (auto & pl : pools) {
+        pl.ram.clear();
+        pl.ram.shrink_to_fit();
+        pl.free.clear();
+        pl.n_slots = 0;
+        if (pl.file) {
+            std::rewind(pl.file.get()); // the file keeps its size; its slots are written again from 0
         }
     }
 }

@@ -49,15 +49,16 @@ void llama_kv_cache_l2::rows_set(ggml_tensor * rows, uint32_t r0, uint32_t n, co
     }
 }
 
-void llama_kv_cache_l2::archive_start() {
+bool llama_kv_cache_l2::archive_start(bool on_disk) {
     std::vector<uint32_t> groups(n_layer());
     std::vector<llama_l2kv_archive::row_layout> layout(n_layer());
     for (uint32_t ikv = 0; ikv < n_layer(); ++ikv) {
         groups[ikv] = n_group(ikv);
         layout[ikv] = { k_rows[ikv]->nb[1], v_rows[ikv]->nb[1], kn_rows[ikv]->nb[1] };
     }
-    archive.init(groups, layout);
-    archive_on = true;
+    archive_write_failed = false;
+    archive_on = archive.init(groups, layout, on_disk);
+    return archive_on;
 }
 
 void llama_kv_cache_l2::archive_dropped(uint32_t ikv, const std::vector<dropped_entry> & dropped) {
@@ -89,8 +90,12 @@ void llama_kv_cache_l2::archive_dropped(uint32_t ikv, const std::vector<dropped_
     }
     for (const auto & d : dropped) {
         const size_t r = (size_t) d.cell*ng + d.group - r0;
-        archive.add(ikv, d.group, d.pos, base[0] + r*tensors[0]->nb[1], base[1] + r*tensors[1]->nb[1],
-                base[2] + r*tensors[2]->nb[1]);
+        if (!archive.add(ikv, d.group, d.pos, base[0] + r*tensors[0]->nb[1], base[1] + r*tensors[1]->nb[1],
+                base[2] + r*tensors[2]->nb[1]) && !archive_write_failed) {
+            archive_write_failed = true; // (the entry is lost, as without an archive)
+            LLAMA_LOG_WARN("%s: cannot write to the archive's temporary file (disk full?): evicted entries are "
+                    "lost from now on\n", __func__);
+        }
     }
 }
 

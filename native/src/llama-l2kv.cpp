@@ -448,7 +448,14 @@ int32_t llama_l2kv_model_n_swa(const struct llama_model * model) {
 // archive and recall
 //
 
-int32_t llama_l2kv_archive_enable(struct llama_context * ctx, bool enable) {
+struct llama_l2kv_archive_params llama_l2kv_archive_default_params(void) {
+    struct llama_l2kv_archive_params p = {
+        /*.on_disk =*/ false,
+    };
+    return p;
+}
+
+int32_t llama_l2kv_archive_enable(struct llama_context * ctx, const struct llama_l2kv_archive_params * params) {
     llama_l2kv_clear_error();
     if (ctx == nullptr) {
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
@@ -458,12 +465,15 @@ int32_t llama_l2kv_archive_enable(struct llama_context * ctx, bool enable) {
         return LLAMA_L2KV_STATUS_NOT_ENABLED;
     }
     ctx->synchronize();
-    if (enable && !l2->archive_on) {
-        l2->archive_start();
-    } else if (!enable) {
+    l2->pinned.clear();
+    if (params == nullptr) {
         l2->archive_on = false;
-        l2->archive.clear();
-        l2->pinned.clear();
+        l2->archive    = llama_l2kv_archive(); // frees the rows and closes the temporary files
+        return LLAMA_L2KV_STATUS_OK;
+    }
+    if (!l2->archive_start(params->on_disk)) {
+        llama_l2kv_error("%s: cannot create a temporary file for the archive (is $TMPDIR writable?)\n", __func__);
+        return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
     }
     return LLAMA_L2KV_STATUS_OK;
 }
@@ -478,9 +488,11 @@ int32_t llama_l2kv_archive_get_stats(const struct llama_context * ctx, struct ll
         return LLAMA_L2KV_STATUS_NOT_ENABLED;
     }
     *out = {};
-    out->enabled     = l2->archive_on;
-    out->n_entries   = l2->archive.n_entries();
-    out->n_bytes     = l2->archive.n_bytes();
+    out->enabled      = l2->archive_on;
+    out->on_disk      = l2->archive_on && l2->archive.on_disk();
+    out->n_entries    = l2->archive.n_entries();
+    out->n_bytes      = l2->archive.n_bytes();
+    out->n_disk_bytes = l2->archive.n_disk_bytes();
     out->n_recalls   = l2->n_recalls;
     out->n_recalled  = l2->n_recalled;
     out->t_recall_ms = l2->t_recall_us/1000.0;
