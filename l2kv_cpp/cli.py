@@ -207,10 +207,11 @@ def _eviction_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--n-recent", default=d.n_recent, show_default=True, type=int, help="newest tokens never evicted"),
         click.option(
             "--recall",
-            default="off",
+            default=d.recall.spec,
             show_default=True,
-            help="keep evicted entries in host memory and bring back the spans each user turn matches: "
-            "off, lexical or lexical:N (N positions per turn), ':exchange' to stay at the budget",
+            help="keep evicted entries and bring back the spans each user turn matches: off, lexical, query or "
+            "both, ':N' positions per turn, ':exchange' to stay at the budget, ':disk' for the archive in a "
+            "temporary file",
         ),
         click.option(
             "--per-head/--per-layer",

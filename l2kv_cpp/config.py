@@ -67,9 +67,10 @@ class L2KVConfig:
     # chat: never evict the rendered system turn (n_sink raised to its length by Conversation, as llama.cpp's
     # --keep protects the initial prompt); not part of the C struct
     keep_system: bool = True
-    # what comes back from the archive of evicted entries when new user text arrives (l2kv_cpp.recall);
-    # not part of the C struct: the archive is enabled by L2KVModel, spans are chosen by Conversation
-    recall: RecallSettings = RecallSettings()
+    # what comes back from the archive of evicted entries when new user text arrives (l2kv_cpp.recall): by
+    # default the spans that share the turn's rarest words (docs/results.md); not part of the C struct: the
+    # archive is enabled by L2KVModel, spans are chosen by Conversation
+    recall: RecallSettings = RecallSettings(mode="lexical")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", Policy.parse(self.policy))

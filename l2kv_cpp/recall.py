@@ -35,7 +35,9 @@ RECALL_MODES = ("off", "lexical", "query", "both")
 
 @dataclass(frozen=True)
 class RecallSettings:
-    mode: str = "off"  # RECALL_MODES: "off" (evicted entries are lost), "lexical", "query", "both" (module doc)
+    # RECALL_MODES: "off" (evicted entries are lost), "lexical", "query", "both" (module doc); L2KVConfig's
+    # default is "lexical" (docs/results.md: it brought every needle back on both demo models)
+    mode: str = "off"
     n_tokens: int = 128  # positions one recall brings back at most (capped by n_slack and the budget)
     block: int = 16  # positions per block: the unit that is scored and recalled
     n_context_blocks: int = 1  # blocks recalled after a matching block (the answer follows its cue)
@@ -56,6 +58,13 @@ class RecallSettings:
     @property
     def enabled(self) -> bool:
         return self.mode != "off"
+
+    @property
+    def spec(self) -> str:
+        """The setting as parse() reads it, e.g. "lexical:128"."""
+        if not self.enabled:
+            return "off"
+        return ":".join([self.mode, str(self.n_tokens)] + ["exchange"] * (not self.grow) + ["disk"] * self.on_disk)
 
     @property
     def uses_queries(self) -> bool:

@@ -78,7 +78,7 @@ def test_run_with_recall_reports_its_archive(tiny_model, tmp_path):
     assert ar["enabled"] and ar["n_entries"] > 0 and ar["n_bytes"] > 0 and ar["n_recalls"] == 1
     assert out["recalled_spans"] and all(a < b for a, b in out["recalled_spans"])
     off = json.loads(invoke("run", str(tiny_model), "-f", str(doc), "-p", "pass key?", "-n", "3", "--json",
-                            *TINY_RUN).stdout)  # fmt: skip
+                            "--recall", "off", *TINY_RUN).stdout)  # fmt: skip
     assert not off["archive"]["enabled"] and off["archive"]["n_entries"] == 0 and off["recalled_spans"] == []
 
 

@@ -120,8 +120,16 @@ def test_a_question_brings_its_needle_back_into_every_head(smollm2_path, grow):
         assert answer.strip() and archive.stats(m.llm.ctx).n_recalls == 1  # ask did not recall again
 
 
+def test_recall_is_on_by_default_and_its_setting_round_trips():
+    d = L2KVConfig().recall
+    assert d.mode == "lexical" and d.grow and not d.on_disk and RecallSettings.parse(d.spec) == d
+    for spec in ("off", "query:64:exchange", "both:32:disk", "lexical:16:exchange:disk"):
+        assert RecallSettings.parse(spec).spec == spec
+
+
 def test_without_recall_nothing_is_archived(tiny_model):
-    with L2KVModel(tiny_model, ModelSettings(n_batch=64, n_ubatch=64), L2KVConfig(kv_budget=64)) as m:
+    config = L2KVConfig(kv_budget=64, recall=RecallSettings())
+    with L2KVModel(tiny_model, ModelSettings(n_batch=64, n_ubatch=64), config) as m:
         m.feed(list(np.arange(3, 300) % 200 + 3))
         assert cache.stats(m.llm.ctx).n_evictions > 0
         st = archive.stats(m.llm.ctx)
