@@ -147,3 +147,18 @@ def test_query_scores_put_the_attended_block_first():
     assert scores[:6].sum() == 0  # blocks with no archived entry get nothing
     assert combine_scores([0, 2, 1], [0.5, 0, 1]) == [0.25, 0.5, 0.75]
     assert combine_scores([0, 0], [0, 0]) == [0.0, 0.0]
+
+
+def test_a_turn_that_diverges_from_the_cache_goes_back_before_the_recall(tiny_model):
+    """The newest tokens differ from the turn's (as after an interrupted answer): the cache goes back to
+    the divergence before the recall's eviction compacts them, so nothing is re-read from the history."""
+    with L2KVModel(tiny_model, ModelSettings(n_batch=32, n_ubatch=32), L2KVConfig(kv_budget=64)) as m:
+        conv = Conversation(m)
+        conv.load_document("word " * 60 + "the pass key is 123. " + "word " * 60)
+        assert m.stats().n_evictions > 0 and archive.stats(m.llm.ctx).n_entries > 0
+        target = conv.turn_tokens(" pass key?")
+        conv.tokens[-1] = (conv.tokens[-1] + 1) % m.llm.n_vocab()
+        list(conv.ask(" pass key?", SamplingSettings(temperature=0.0), 2))
+        assert conv.n_reevaluations == 0 and conv.last_recall
+        assert conv.tokens[: len(target)] == target  # the turn's tokens, whole, after the recall
+        assert archive.stats(m.llm.ctx).n_recalls == 1
