@@ -352,6 +352,51 @@ size_t llama_kv_cache_l2::kv_bytes(const llama_kv_cache & kv) {
     return kv.total_size();
 }
 
+int32_t llama_kv_cache_l2::alloc_layer_tensors(const char * what,
+        const std::function<ggml_tensor * (ggml_context *, uint32_t)> & make, std::vector<ggml_tensor *> & out,
+        layer_tensors_bufs & bufs) const {
+    const uint32_t n_layer = this->n_layer();
+    std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_map;
+    std::vector<ggml_context_ptr> ctxs;
+    out.assign(n_layer, nullptr);
+    for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
+        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(kv.layers[ikv].k->buffer);
+        auto it = ctx_map.find(buft);
+        if (it == ctx_map.end()) {
+            ggml_init_params ip = { size_t(n_layer)*ggml_tensor_overhead(), nullptr, true };
+            ggml_context * ctx = ggml_init(ip);
+            if (!ctx) {
+                out.clear(); // (the tensors made so far die with ctxs)
+                return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
+            }
+            ctxs.emplace_back(ctx);
+            it = ctx_map.emplace(buft, ctx).first;
+        }
+        out[ikv] = make(it->second, ikv);
+    }
+    layer_tensors_bufs made;
+    for (auto & ctx : ctxs) {
+        ggml_backend_buffer_type_t buft = nullptr;
+        for (const auto & [b, c] : ctx_map) {
+            if (c == ctx.get()) {
+                buft = b;
+            }
+        }
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx.get(), buft);
+        if (!buf) {
+            out.clear();
+            llama_l2kv_error("%s: failed to allocate the %s buffer\n", __func__, what);
+            return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
+        }
+        ggml_backend_buffer_clear(buf, 0);
+        made.emplace_back(std::move(ctx), buf);
+    }
+    for (auto & b : made) {
+        bufs.push_back(std::move(b));
+    }
+    return LLAMA_L2KV_STATUS_OK;
+}
+
 int32_t llama_kv_cache_l2::init() {
     const auto & hparams = kv.hparams;
 
@@ -424,38 +469,13 @@ int32_t llama_kv_cache_l2::init() {
     }
 
     // norm tensors live in the buffer type of their layer's K, so the norm ops run where K is stored
-    std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_map;
-    std::vector<ggml_context_ptr> ctxs;
-    kn.assign(n_layer, nullptr);
-    for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
-        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(kv.layers[ikv].k->buffer);
-        auto it = ctx_map.find(buft);
-        if (it == ctx_map.end()) {
-            ggml_init_params ip = { size_t(n_layer)*ggml_tensor_overhead(), nullptr, true };
-            ggml_context * ctx = ggml_init(ip);
-            if (!ctx) {
-                return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
-            }
-            ctxs.emplace_back(ctx);
-            it = ctx_map.emplace(buft, ctx).first;
-        }
-        kn[ikv] = ggml_new_tensor_2d(it->second, GGML_TYPE_F32, n_head_kv(ikv), kv_size);
-        ggml_format_name(kn[ikv], "cache_kn_l%d", kv.layers[ikv].il);
-    }
-    for (auto & ctx : ctxs) {
-        ggml_backend_buffer_type_t buft = nullptr;
-        for (const auto & [b, c] : ctx_map) {
-            if (c == ctx.get()) {
-                buft = b;
-            }
-        }
-        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx.get(), buft);
-        if (!buf) {
-            llama_l2kv_error("%s: failed to allocate the key norm buffer\n", __func__);
-            return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
-        }
-        ggml_backend_buffer_clear(buf, 0);
-        ctxs_bufs.emplace_back(std::move(ctx), buf);
+    const int32_t status = alloc_layer_tensors("key norm", [&](ggml_context * ctx, uint32_t ikv) {
+        ggml_tensor * t = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_head_kv(ikv), kv_size);
+        ggml_format_name(t, "cache_kn_l%d", kv.layers[ikv].il);
+        return t;
+    }, kn, ctxs_bufs);
+    if (status != LLAMA_L2KV_STATUS_OK) {
+        return status;
     }
 
     // F32 aliases over the bytes of K, V and kn: row r = cell*n_group + group

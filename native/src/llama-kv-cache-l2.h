@@ -116,6 +116,9 @@ void llama_l2kv_clear_error();
 float llama_l2kv_random_score(uint64_t seed, int32_t il, int32_t head, int32_t pos);
 
 struct llama_kv_cache_l2 {
+    // tensors of our own with their ggml contexts and backend buffers (see alloc_layer_tensors)
+    using layer_tensors_bufs = std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>>;
+
     llama_kv_cache_l2(llama_kv_cache & kv, const llama_l2kv_params & params, std::vector<int32_t> skip_layers);
 
     llama_kv_cache & kv;
@@ -136,7 +139,7 @@ struct llama_kv_cache_l2 {
     std::vector<ggml_tensor *> v_rows;
     std::vector<ggml_tensor *> kn_rows;
 
-    std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> ctxs_bufs;
+    layer_tensors_bufs ctxs_bufs;
     ggml_context_ptr ctx_alias;
 
     // true positions of the compacted cells: tpos[ikv][cell*n_group + group], cells [0, n_comp)
@@ -177,7 +180,7 @@ struct llama_kv_cache_l2 {
     bool                       capture_q = false;
     uint32_t                   n_q_max   = 0;
     std::vector<ggml_tensor *> qcap;
-    std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> qcap_bufs;
+    layer_tensors_bufs qcap_bufs;
 
     // counters
     uint64_t n_recalls    = 0;  // recalls that brought entries back
@@ -211,6 +214,12 @@ struct llama_kv_cache_l2 {
 
     // check that the cache can be served and allocate the norm buffers; returns a status
     int32_t init();
+
+    // one tensor per cache layer, made by make(ctx, ikv), allocated (zeroed) in the buffer type of the layer's K so
+    // that the ops on it run where K is stored; out[ikv] the tensors, their contexts and buffers appended to bufs;
+    // returns a status (an error naming `what` when a buffer cannot be allocated)
+    int32_t alloc_layer_tensors(const char * what, const std::function<ggml_tensor * (ggml_context *, uint32_t)> & make,
+            std::vector<ggml_tensor *> & out, layer_tensors_bufs & bufs) const;
 
     size_t norm_bytes() const;
 

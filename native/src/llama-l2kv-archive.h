@@ -54,6 +54,9 @@ public:
     uint32_t take(uint32_t ikv, uint32_t g, const llama_l2kv_spans & spans, uint32_t n_max,
             std::vector<int32_t> & pos, std::vector<uint8_t> & rows);
 
+    // the entries of (ikv, g)
+    uint32_t size(uint32_t ikv, uint32_t g) const { return (uint32_t) stores[ikv][g].pos.size(); }
+
     // every entry of (ikv, g), ascending position, as take() returns them (the archive keeps them)
     uint32_t read(uint32_t ikv, uint32_t g, std::vector<int32_t> & pos, std::vector<uint8_t> & rows) const;
 

@@ -24,7 +24,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <map>
 
 // memory the host can read and write in place (LLAMA_L2KV_FORCE_GRAPHS takes the backend path, for tests)
 static bool llama_l2kv_in_place(const ggml_tensor * t) {
@@ -230,45 +229,16 @@ int32_t llama_kv_cache_l2::capture_start(uint32_t n_q) {
     qcap.clear();
     qcap_bufs.clear(); // (the graphs that read them are rebuilt before the next decode: pending_reset)
     const auto & hparams = kv.hparams;
-    const uint32_t n_layer = this->n_layer();
 
     // like the norms: in the buffer type of the layer's K, so that the copy runs where Q is computed
-    std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_map;
-    std::vector<ggml_context_ptr> ctxs;
-    qcap.assign(n_layer, nullptr);
-    for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
-        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(kv.layers[ikv].k->buffer);
-        auto it = ctx_map.find(buft);
-        if (it == ctx_map.end()) {
-            ggml_init_params ip = { size_t(n_layer)*ggml_tensor_overhead(), nullptr, true };
-            ggml_context * ctx = ggml_init(ip);
-            if (!ctx) {
-                return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
-            }
-            ctxs.emplace_back(ctx);
-            it = ctx_map.emplace(buft, ctx).first;
-        }
+    const int32_t status = alloc_layer_tensors("query", [&](ggml_context * ctx, uint32_t ikv) {
         const int32_t il = layer_il(ikv);
-        qcap[ikv] = ggml_new_tensor_2d(it->second, GGML_TYPE_F32,
-                (int64_t) hparams.n_embd_head_k(il)*hparams.n_head(il), n_q);
-        ggml_format_name(qcap[ikv], "l2kv_q_l%d", il);
-    }
-    for (auto & ctx : ctxs) {
-        ggml_backend_buffer_type_t buft = nullptr;
-        for (const auto & [b, c] : ctx_map) {
-            if (c == ctx.get()) {
-                buft = b;
-            }
-        }
-        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx.get(), buft);
-        if (!buf) {
-            qcap.clear();
-            qcap_bufs.clear();
-            llama_l2kv_error("%s: failed to allocate the query buffer\n", __func__);
-            return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
-        }
-        ggml_backend_buffer_clear(buf, 0);
-        qcap_bufs.emplace_back(std::move(ctx), buf);
+        ggml_tensor * t = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, (int64_t) hparams.n_embd_head_k(il)*hparams.n_head(il), n_q);
+        ggml_format_name(t, "l2kv_q_l%d", il);
+        return t;
+    }, qcap, qcap_bufs);
+    if (status != LLAMA_L2KV_STATUS_OK) {
+        return status;
     }
     n_q_max       = n_q;
     capture_q     = true;

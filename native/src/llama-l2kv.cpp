@@ -543,9 +543,13 @@ int32_t llama_l2kv_archive_read(const struct llama_context * ctx, int32_t il, in
         row_bytes[1] = (int64_t) lay.v;
         row_bytes[2] = (int64_t) lay.kn;
     }
+    const uint32_t n = l2->archive.size(ikv, group);
+    if ((pos == nullptr && rows == nullptr) || n_max == 0) {
+        return (int32_t) n; // sizes only: no copy of the rows (they may be on disk)
+    }
     std::vector<int32_t> p;
     std::vector<uint8_t> r;
-    const uint32_t n = l2->archive.read(ikv, group, p, r);
+    l2->archive.read(ikv, group, p, r);
     const size_t n_out = std::min<size_t>(n, n_max);
     if (pos != nullptr) {
         std::copy(p.begin(), p.begin() + n_out, pos);
