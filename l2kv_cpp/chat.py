@@ -234,10 +234,15 @@ class Conversation:
         for the budget, is fed first, so that the search sees it. Runs once per turn; returns the spans."""
         if not self.recall_enabled or self._recalled_for == text:
             return []
+        return self._recall(text, self.turn_tokens(text), progress)
+
+    def _recall(self, text: str, target: list[int], progress: ProgressFn | None) -> list[tuple[int, int]]:
+        """recall() with the turn's tokens (turn_tokens(text)) already computed."""
+        if not self.recall_enabled or self._recalled_for == text:
+            return []
         self._recalled_for = text
         l2kv = self.model.l2kv
         assert l2kv is not None
-        target = self.turn_tokens(text)
         if self.document is not None:
             tokens, n_doc = self.document_split(text)
             if n_doc > l2kv.kv_budget:
@@ -299,7 +304,7 @@ class Conversation:
                     groups.append((pos, keys[:, j, :], q[:, h * r : (h + 1) * r, :].reshape(-1, d)))
         if not m.rewind(n0):
             raise ModelError("internal error: the turn read for recall could not be taken back out of the cache")
-        return list(query_block_scores(groups, n_blocks, self.model.l2kv.recall.block))  # type: ignore[union-attr]
+        return list(query_block_scores(groups, n_blocks, l2kv.recall.block))
 
     def _layers(self) -> list[tuple[int, int, int]]:
         """(layer, KV heads, head size) of every layer under eviction."""
@@ -355,8 +360,9 @@ class Conversation:
     ) -> Iterator[GenerationResponse]:
         """Stream the answer to `text`. Stopping early (or Ctrl-C) keeps what was generated so far."""
         content = self._user_content(text)
-        self.recall(text, progress)
-        n_prompt = self._sync(self.turn_tokens(text), progress, need_logits=True)
+        target = self.turn_tokens(text)  # (the whole conversation rendered and tokenized: once per turn)
+        self._recall(text, target, progress)
+        n_prompt = self._sync(target, progress, need_logits=True)
         answer: list[str] = []
         sampled: list[int] = []
         try:
@@ -376,8 +382,9 @@ class Conversation:
         recorded with an empty answer.
         """
         content = self._user_content(text)
-        self.recall(text, progress)
-        n = self._sync(self.turn_tokens(text), progress, need_logits=True)
+        target = self.turn_tokens(text)
+        self._recall(text, target, progress)
+        n = self._sync(target, progress, need_logits=True)
         self._record_turn(content, "", [])
         return n
 
