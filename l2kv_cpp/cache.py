@@ -36,6 +36,10 @@ class L2KVStats:
     t_move_ms: float  # the compaction graph
     kv_bytes: int
     norm_bytes: int
+    positions: int  # enum llama_l2kv_positions in effect (config.Positions)
+    rope_pos_max: int  # the largest RoPE position in the cache (the next token gets one more)
+    n_rotated_rows: int
+    t_rotate_ms: float  # of t_evict_ms: the re-rotation graph (positions in the cache)
 
 
 # C status -> exception class (llama_l2kv_status)
@@ -64,6 +68,7 @@ def default_config() -> L2KVConfig:
         per_head=bool(p.per_head),
         seed=p.seed,
         skip_layers=skip,
+        positions=p.positions,
     )
 
 
@@ -119,6 +124,17 @@ def read_layer(ctx: Any, il: int) -> tuple[np.ndarray, np.ndarray]:
         f"llama_l2kv_read_layer(layer {il})",
     )
     return norms[:n].copy(), pos[:n].copy()
+
+
+def read_rope_positions(ctx: Any, il: int) -> np.ndarray:
+    """The RoPE position each K row of model layer il is rotated to, [cell, kv head]; empty cells read -1."""
+    nat = native()
+    c, (out,) = _layer_buffers(ctx, il, (np.int32,))
+    n = _check(
+        nat.lib.llama_l2kv_read_rope_positions(c, il, nat.ffi.from_buffer("int32_t[]", out), out.shape[0]),
+        f"llama_l2kv_read_rope_positions(layer {il})",
+    )
+    return out[:n].copy()
 
 
 def read_key_cosines(ctx: Any, il: int) -> np.ndarray:

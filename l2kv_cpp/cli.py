@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import L2KVConfig, Policy
+from .config import L2KVConfig, Policy, Positions
 from .errors import L2KVError
 from .sampling import SamplingSettings
 from .session import CACHE_TYPES, ModelSettings
@@ -213,6 +213,7 @@ def _eviction_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "both, ':N' positions per turn, ':exchange' to stay at the budget, ':disk' for the archive in a "
             "temporary file",
         ),
+        _positions_option(d.positions.cli_name),
         click.option(
             "--per-head/--per-layer",
             default=d.per_head,
@@ -227,6 +228,19 @@ def _eviction_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "(0,1 for keep-low-norm, keep-high-norm and random as in the paper; none for the others)",
         ),
     )(fn)
+
+
+def _positions_option(default: str, multiple: bool = False) -> Callable[..., Any]:
+    names = [p.cli_name for p in Positions]
+    return click.option(
+        "--positions",
+        default=default,
+        show_default=True,
+        type=str if multiple else click.Choice(names),
+        help="RoPE positions of the kept keys after an eviction: cache renumbers them inside the cache (chats "
+        "longer than the training context stay coherent), original keeps their positions in the text"
+        + (" (comma-separated to run several)" if multiple else ""),
+    )
 
 
 def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -366,12 +380,13 @@ def run(
 )
 @click.option("-b", "--batch-size", default=MODEL_DEFAULTS.n_batch, show_default=True, type=click.IntRange(min=1))
 @click.option("-ub", "--ubatch-size", default=MODEL_DEFAULTS.n_ubatch, show_default=True, type=click.IntRange(min=1))
+@_positions_option(L2KV_DEFAULTS.positions.cli_name)
 @_errors_as_one_line
-def info(model: str | None, kv_budget: int, kv_slack: int, batch_size: int, ubatch_size: int) -> None:
+def info(model: str | None, kv_budget: int, kv_slack: int, batch_size: int, ubatch_size: int, positions: str) -> None:
     """Attention layout of MODEL and its KV memory with eviction vs. a full context."""
     from tabulate import tabulate
 
-    from .info import memory_rows, read_model_info
+    from .info import memory_rows, read_model_info, rope_positions_line
     from .models import resolve_model
 
     mi = read_model_info(resolve_model(model))
@@ -386,6 +401,8 @@ def info(model: str | None, kv_budget: int, kv_slack: int, batch_size: int, ubat
     click.echo(f"context        {mi.n_ctx_train} tokens (training)")
     click.echo(f"sliding window {mi.n_swa or 'none'}")
     click.echo(f"chat template  {'yes' if mi.has_chat_template else 'no'}")
+    max_cells = kv_budget + (kv_slack or batch_size)
+    click.echo(f"RoPE positions {rope_positions_line(Positions.parse(positions), mi.n_ctx_train, max_cells)}")
     click.echo("")
     slack = f"slack {kv_slack}" if kv_slack else f"batch {batch_size}"
     click.echo(
@@ -458,6 +475,7 @@ def _eval_common(fn: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="passkey/niah: recall settings to run every setting with, comma-separated (off, lexical:128, ...)",
         ),
+        _positions_option(d.positions.cli_name, multiple=True),
     )(fn)
 
 
@@ -476,6 +494,7 @@ def _comps(
     cache_types: str = "f16",
     keep_system: bool = True,
     recall: str = "off",
+    positions: str = "cache",
 ):
     from .eval.qa import CACHE_TYPE_BYTES
     from .eval.tasks import compressions
@@ -490,12 +509,16 @@ def _comps(
     recalls = [r.strip() for r in recall.split(",") if r.strip()] or ["off"]
     for r in recalls:
         RecallSettings.parse(r)  # a bad setting fails before any run
+    pos_modes = [p.strip() for p in positions.split(",") if p.strip()] or ["cache"]
+    for p in pos_modes:
+        Positions.parse(p)
     return compressions(
         ks,
         [p.strip() for p in policies.split(",") if p.strip()],
         cache_types=types,
         keep_system=(keep_system,),
         recalls=recalls,
+        positions=pos_modes,
         n_sink=n_sink,
         n_recent=n_recent,
     )
@@ -518,6 +541,7 @@ def eval_passkey(
     cache_types: str,
     keep_system: bool,
     recall: str,
+    positions: str,
     n_junk: int,
     depths: str,
     seeds: int,
@@ -533,7 +557,7 @@ def eval_passkey(
     run_passkey(
         model,
         cases,
-        _comps(keeps, policies, n_sink, n_recent, cache_types, keep_system, recall),
+        _comps(keeps, policies, n_sink, n_recent, cache_types, keep_system, recall, positions),
         ResultStore(Path(out) / "passkey.jsonl"),
         log=click.echo,
         question_first=question_first,
@@ -556,6 +580,7 @@ def eval_niah(
     cache_types: str,
     keep_system: bool,
     recall: str,
+    positions: str,
     lengths: str,
     depths: str,
 ) -> None:
@@ -570,7 +595,7 @@ def eval_niah(
     run_niah(
         model,
         cases,
-        _comps(keeps, policies, n_sink, n_recent, cache_types, keep_system, recall),
+        _comps(keeps, policies, n_sink, n_recent, cache_types, keep_system, recall, positions),
         ResultStore(Path(out) / "niah.jsonl"),
         log=click.echo,
         question_first=question_first,
@@ -592,6 +617,7 @@ def eval_ppl(
     cache_types: str,
     keep_system: bool,
     recall: str,
+    positions: str,
     n_tokens: int,
 ) -> None:
     """Perplexity on the essays as the cache streams and evicts, with KL divergence against a full cache."""
@@ -604,9 +630,8 @@ def eval_ppl(
     from .eval.results import ResultStore
     from .eval.tasks import run_ppl
 
-    run_ppl(
-        model, n_tokens, _comps(keeps, policies, n_sink, n_recent), ResultStore(Path(out) / "ppl.jsonl"), log=click.echo
-    )
+    comps = _comps(keeps, policies, n_sink, n_recent, positions=positions)
+    run_ppl(model, n_tokens, comps, ResultStore(Path(out) / "ppl.jsonl"), log=click.echo)
 
 
 @eval_group.command("attention")

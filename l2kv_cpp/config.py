@@ -54,6 +54,29 @@ class Policy(IntEnum):
             raise InvalidParamsError(f"policy {value!r} is not one of: {choices}") from None
 
 
+class Positions(IntEnum):
+    """The RoPE positions of the kept keys after an eviction (enum llama_l2kv_positions)."""
+
+    ORIGINAL = 0  # each key keeps its position in the text: distances grow past the training context
+    CACHE = 1  # StreamingLLM's rule: kept keys renumbered 0..n-1 per (layer, head) and re-rotated
+
+    @property
+    def cli_name(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, value: str | int | Positions) -> Positions:
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, int):
+            return cls(value)
+        try:
+            return cls[value.strip().upper()]
+        except KeyError:
+            choices = ", ".join(p.cli_name for p in cls)
+            raise InvalidParamsError(f"positions {value!r} is not one of: {choices}") from None
+
+
 @dataclass(frozen=True)
 class L2KVConfig:
     kv_budget: int = 4096  # entries kept per layer and KV head after an eviction
@@ -64,6 +87,8 @@ class L2KVConfig:
     per_head: bool = True  # False: one choice per layer, by the sum of the heads' key norms
     seed: int = 0  # for Policy.RANDOM
     skip_layers: tuple[int, ...] | None = None  # None: the policy's default (see default_skip_layers); (): none
+    # RoPE positions after an eviction: inside the cache by default (docs/results.md, "Past the training context")
+    positions: Positions = Positions.CACHE
     # chat: never evict the rendered system turn (n_sink raised to its length by Conversation, as llama.cpp's
     # --keep protects the initial prompt); not part of the C struct
     keep_system: bool = True
@@ -74,6 +99,7 @@ class L2KVConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", Policy.parse(self.policy))
+        object.__setattr__(self, "positions", Positions.parse(self.positions))
         if self.kv_budget < 1:
             raise InvalidParamsError(f"kv_budget must be >= 1 (got {self.kv_budget})")
         if self.n_slack < 0:
@@ -122,4 +148,5 @@ class L2KVConfig:
             if self.skip_layers:
                 skip = ffi.new("int32_t[]", list(self.skip_layers))
         params.skip_layers = skip
+        params.positions = int(self.positions)
         return params, skip

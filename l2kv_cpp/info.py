@@ -15,6 +15,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import _lib
 from ._ffi import native
+from .config import Positions
 from .errors import ModelError
 from .gguf_file import check_gguf
 
@@ -128,3 +129,17 @@ def memory_rows(info: ModelInfo, budget_cells: int, n_ubatch: int) -> list[list[
             ]
         )
     return rows
+
+
+def rope_positions_line(positions: Positions, n_ctx_train: int, max_cells: int) -> str:
+    """What `info` says about RoPE distances with eviction: bounded by the cache, or growing with the text."""
+    if positions == Positions.CACHE:
+        ok = "inside" if max_cells <= n_ctx_train else "PAST"
+        return (
+            f"cache: kept keys renumbered after each eviction, positions < {max_cells} at any length "
+            f"({ok} the {n_ctx_train}-token training context)"
+        )
+    return (
+        f"original: keys keep their positions in the text, so past {n_ctx_train} tokens the model sees "
+        "distances it was never trained on"
+    )

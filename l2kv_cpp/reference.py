@@ -119,3 +119,32 @@ def kept_positions(
         )
         out.append({int(x) for x in pos[keep, h]})
     return out
+
+
+def rope(
+    x: np.ndarray, delta: np.ndarray, freq_base: float, neox: bool = False, n_rot: int | None = None
+) -> np.ndarray:
+    """RoPE of rows x [n, d] by delta[n] positions (float64): what re-rotating a cached key to a new position
+    does, since rotations compose (rope(rope(k, p), q - p) == rope(k, q)). Pairs (2i, 2i+1) as llama.cpp's
+    LLAMA_ROPE_TYPE_NORM, or (i, i + n_rot/2) as NEOX; dimensions past n_rot are left alone."""
+    x = np.asarray(x, dtype=np.float64)
+    n_rot = x.shape[-1] if n_rot is None else n_rot
+    half = n_rot // 2
+    theta = np.asarray(delta, dtype=np.float64)[:, None] * freq_base ** (-2.0 * np.arange(half) / n_rot)[None, :]
+    cos, sin = np.cos(theta), np.sin(theta)
+    out = x.copy()
+    if neox:
+        a, b = x[:, :half], x[:, half:n_rot]
+        out[:, :half], out[:, half:n_rot] = a * cos - b * sin, a * sin + b * cos
+    else:
+        a, b = x[:, 0:n_rot:2], x[:, 1:n_rot:2]
+        out[:, 0:n_rot:2], out[:, 1:n_rot:2] = a * cos - b * sin, a * sin + b * cos
+    return out
+
+
+def cache_positions(true_pos: np.ndarray) -> np.ndarray:
+    """The RoPE positions LLAMA_L2KV_POSITIONS_CACHE gives the kept entries of one (layer, head) right after an
+    eviction: their ranks by true position."""
+    ranks = np.empty(len(true_pos), dtype=np.int64)
+    ranks[np.argsort(true_pos, kind="stable")] = np.arange(len(true_pos))
+    return ranks

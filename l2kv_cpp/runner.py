@@ -20,7 +20,7 @@ from typing import Any
 
 from . import archive
 from .chat import Conversation
-from .config import L2KVConfig
+from .config import L2KVConfig, Positions
 from .errors import InvalidParamsError, L2KVError
 from .generate import GenerationResponse
 from .models import resolve_model
@@ -64,6 +64,7 @@ def settings_from_options(opts: dict[str, Any]) -> dict[str, Any]:
         policy=opts["policy"],
         per_head=opts["per_head"],
         skip_layers=skip_layers,
+        positions=opts["positions"],
     )
     model = ModelSettings(
         n_ctx=opts["ctx_size"],
@@ -143,16 +144,21 @@ _past_training_noted: weakref.WeakSet[L2KVModel] = weakref.WeakSet()
 
 
 def note_past_training_context(model: L2KVModel) -> None:
-    """One stderr line when a conversation first runs past the model's training context: eviction bounds
-    the memory, not the RoPE distances to old kept keys, and quality degrades from there (docs/results.md)."""
+    """One stderr line when a conversation first runs past the model's training context while RoPE distances
+    can grow past it (no eviction, or original positions): quality degrades from there (docs/results.md)."""
     n_train = model.info.n_ctx_train
-    if n_train and model.n_past > n_train and model not in _past_training_noted:
-        _past_training_noted.add(model)
-        print(
-            f"[note: {model.n_past} tokens, past the model's {n_train}-token training context: kept keys keep "
-            "their original positions, so quality degrades from here (README: Limit)]",
-            file=sys.stderr,
-        )
+    if not n_train or model.n_past <= n_train or model in _past_training_noted:
+        return
+    cfg = model.l2kv
+    if cfg is not None and cfg.positions == Positions.CACHE and cfg.max_cells(model.settings.n_batch) <= n_train:
+        return  # RoPE positions stay inside the cache, hence inside the training context
+    _past_training_noted.add(model)
+    why = "there is no eviction" if cfg is None else "kept keys keep their original positions (--positions original)"
+    print(
+        f"[note: {model.n_past} tokens, past the model's {n_train}-token training context and {why}, so quality "
+        "degrades from here (README: Limit)]",
+        file=sys.stderr,
+    )
 
 
 def read_document(file: str) -> str:
@@ -179,6 +185,12 @@ def stats_text(model: L2KVModel, last: GenerationResponse | None, prompt_tps: fl
         f"evictions      {st.n_evictions} ({st.n_dropped} entries dropped per layer and head, "
         f"{st.n_moved_rows} rows moved, {st.t_evict_ms:.0f} ms)",
     ]
+    if st.enabled:
+        mode = Positions(st.positions).cli_name
+        lines.append(
+            f"RoPE positions {mode}: the next token at {st.rope_pos_max + 1} (text position {st.pos_max + 1}); "
+            f"{st.n_rotated_rows} key rows re-rotated ({st.t_rotate_ms:.0f} ms)"
+        )
     if model.l2kv is not None and model.l2kv.recall.enabled:
         ar = archive.stats(model.llm.ctx)
         lines.append(

@@ -35,6 +35,8 @@ def save_session(conv: Conversation, path: str | os.PathLike[str]) -> int:
         {
             "model": _model_identity(conv),
             "n_past": model.n_past,
+            # how the saved keys are rotated (the state records it too; any mode loads into any context)
+            "positions": model.l2kv.positions.cli_name if model.l2kv is not None else None,
             "conversation": {
                 "chat": conv.chat,
                 "messages": conv.messages,

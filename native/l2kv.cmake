@@ -12,6 +12,7 @@ set(LLAMA_L2KV_SOURCES
     ${LLAMA_L2KV_DIR}/src/llama-l2kv-scorer.cpp
     ${LLAMA_L2KV_DIR}/src/llama-l2kv-archive.cpp
     ${LLAMA_L2KV_DIR}/src/llama-l2kv-recall.cpp
+    ${LLAMA_L2KV_DIR}/src/llama-l2kv-positions.cpp
 )
 
 target_sources(llama PRIVATE ${LLAMA_L2KV_SOURCES} ${LLAMA_L2KV_DIR}/include/llama-l2kv.h)

@@ -93,6 +93,9 @@ def main() -> int:
     )
     ap.add_argument("--policies", default=",".join(POLICIES), help="policies to run (default: all)")
     ap.add_argument("--recall", default="off", help="recall settings to run, comma-separated (off, lexical, lexical:N)")
+    ap.add_argument(
+        "--positions", default="cache", help="RoPE positions modes to run, comma-separated (cache, original)"
+    )
     args = ap.parse_args()
 
     if args.model == "tiny":
@@ -104,6 +107,7 @@ def main() -> int:
         "policies": tuple(p.strip() for p in args.policies.split(",") if p.strip()),
         "cache_types": tuple(t.strip() for t in args.cache_types.split(",") if t.strip()),
         "recalls": tuple(r.strip() for r in args.recall.split(",") if r.strip()),
+        "positions": tuple(p.strip() for p in args.positions.split(",") if p.strip()),
         # no template, no system turn: only the default runs
         "keep_system": {"on": (True,), "off": (False,), "both": (True, False)}[args.keep_system]
         if uses_chat(resolve_model(args.model))

@@ -2,13 +2,14 @@
 """Perplexity by position over a text longer than the model's training context. Prints a table.
 
     python scripts/long_ppl.py                                   # SmolLM2 (8k context), 16384 tokens
-    python scripts/long_ppl.py --policies window --n-sink 0      # the recent window only
+    python scripts/long_ppl.py --tokens 65536 --budgets 1024,4096 --positions cache,original
+    python scripts/long_ppl.py --reference full                  # beside one full cache of the whole text
 
-The essays stream through an evicting context (budget --budget, n_batch 256) and, in the same run, a
-full-cache context of the whole length; the table gives each one's perplexity per --bucket tokens and
-the mean KL divergence of the evicting run from the full one. Eviction bounds memory, not the RoPE
-distances: a kept key keeps the rotation of its original position, so past the training context the
-distance from a new token to the oldest kept keys (the sinks) is one the model never saw.
+The essays stream through evicting contexts (each budget, policy and RoPE positions mode; n_batch 256).
+The reference never leaves the training context: each bucket of --bucket tokens is scored in a fresh full
+cache that first reads the --ref-context tokens before it. With original positions a kept key keeps the
+rotation of its position in the text, so past the training context the distance from a new token to the
+oldest kept keys (the sinks) is one the model never saw; with cache positions they stay inside the cache.
 """
 
 from __future__ import annotations
@@ -24,20 +25,56 @@ from tabulate import tabulate
 from l2kv_cpp._ffi import native
 from l2kv_cpp.config import L2KVConfig
 from l2kv_cpp.eval.niah import corpus_text
-from l2kv_cpp.eval.perplexity import run_perplexity, text_tokens
+from l2kv_cpp.eval.perplexity import run_perplexity, streaming_nll, text_tokens, windowed_reference_nll
 from l2kv_cpp.gguf_file import read_gguf
 from l2kv_cpp.models import resolve_model
 from l2kv_cpp.session import open_tokenizer
+
+
+def _reference_rows(args, path, tokens) -> None:
+    """--reference full: the evicting runs beside one full cache of the whole length (the table of 2026-11-26)."""
+    for policy in args.policies.split(","):
+        for budget in _ints(args.budgets):
+            for positions in args.positions.split(","):
+                config = L2KVConfig(kv_budget=budget, n_sink=args.n_sink, policy=policy, positions=positions)
+                r = run_perplexity(path, tokens, config, n_batch=256)
+                rows = []
+                for start in range(0, len(r.nll), args.bucket):
+                    part = slice(start, start + args.bucket)
+                    rows.append(
+                        [
+                            f"{start}-{min(start + args.bucket, len(r.nll))}",
+                            f"{np.exp(r.nll_full[part].mean()):.2f}",
+                            f"{np.exp(r.nll[part].mean()):.2f}",
+                            f"{r.kld[part].mean():.3f}",
+                        ]
+                    )
+                print(f"\npolicy {policy}, budget {budget}, {positions} positions, {r.n_evictions} evictions")
+                headers = ["positions", "ppl full cache", "ppl evicting", "KL(full || evicting)"]
+                print(tabulate(rows, headers=headers, tablefmt="github"))
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", help="model name or GGUF path (default: smollm2)")
     ap.add_argument("--tokens", type=int, default=16384, help="length of the text in tokens")
-    ap.add_argument("--budget", type=int, default=1024)
+    ap.add_argument("--budgets", default="1024", help="comma-separated KV budgets")
     ap.add_argument("--policies", default="window,key-diff", help="comma-separated policies")
+    ap.add_argument("--positions", default="cache", help="comma-separated RoPE positions modes (cache, original)")
     ap.add_argument("--n-sink", type=int, default=4)
     ap.add_argument("--bucket", type=int, default=2048, help="tokens per table row")
+    ap.add_argument(
+        "--reference",
+        choices=("window", "full"),
+        default="window",
+        help="window: each bucket scored in a fresh full cache holding the --ref-context tokens before it (never "
+        "past the training context); full: one full cache of the whole text beside each run",
+    )
+    ap.add_argument("--ref-context", type=int, default=4096, help="tokens before each bucket in the window reference")
     args = ap.parse_args()
     native().set_log(verbose=False)
 
@@ -45,27 +82,39 @@ def main() -> int:
     n_ctx_train = read_gguf(path).n_ctx_train
     with open_tokenizer(path) as tok:
         tokens = text_tokens(tok, corpus_text(), args.tokens)
+    print(f"{path.name} (training context {n_ctx_train}), {len(tokens)} tokens, n_sink {args.n_sink}, n_batch 256")
     t0 = time.time()
+    if args.reference == "full":
+        _reference_rows(args, path, tokens)
+        print(f"done in {time.time() - t0:.0f} s")
+        return 0
+
+    ref = windowed_reference_nll(path, tokens, args.bucket, args.ref_context)
+    print(f"reference: {time.time() - t0:.0f} s", flush=True)
+    runs: list[tuple[str, np.ndarray]] = []
     for policy in args.policies.split(","):
-        config = L2KVConfig(kv_budget=args.budget, n_sink=args.n_sink, policy=policy)
-        r = run_perplexity(path, tokens, config, n_batch=256)
-        rows = []
-        for start in range(0, len(r.nll), args.bucket):
-            part = slice(start, start + args.bucket)
-            rows.append(
-                [
-                    f"{start}-{min(start + args.bucket, len(r.nll))}",
-                    f"{np.exp(r.nll_full[part].mean()):.2f}",
-                    f"{np.exp(r.nll[part].mean()):.2f}",
-                    f"{r.kld[part].mean():.3f}",
-                ]
-            )
-        print(
-            f"\n{path.name} (training context {n_ctx_train}), {len(tokens)} tokens, policy {policy}, "
-            f"budget {args.budget}, n_sink {args.n_sink}, {r.n_evictions} evictions"
-        )
-        headers = ["positions", "ppl full cache", "ppl evicting", "KL(full || evicting)"]
-        print(tabulate(rows, headers=headers, tablefmt="github"))
+        for budget in _ints(args.budgets):
+            for positions in args.positions.split(","):
+                t1 = time.time()
+                config = L2KVConfig(kv_budget=budget, n_sink=args.n_sink, policy=policy, positions=positions)
+                nll, n_ev = streaming_nll(path, tokens, config)
+                runs.append((f"{policy} {budget} {positions}", nll))
+                print(f"{policy}, budget {budget}, {positions} positions: {n_ev} evictions, {time.time() - t1:.0f} s")
+    rows = []
+    worst = {name: 0.0 for name, _ in runs}
+    for start in range(0, len(ref), args.bucket):
+        part = slice(start, start + args.bucket)
+        r = float(np.exp(ref[part].mean()))
+        row = [f"{start}-{min(start + args.bucket, len(ref))}", f"{r:.2f}"]
+        for name, nll in runs:
+            v = float(np.exp(nll[part].mean()))
+            worst[name] = max(worst[name], v / r - 1)
+            row.append(f"{v:.2f} ({100 * (v / r - 1):+.0f}%)")
+        rows.append(row)
+    headers = ["positions", f"reference ({args.ref_context} before)", *[name for name, _ in runs]]
+    print(tabulate(rows, headers=headers, tablefmt="github"))
+    for name, w in worst.items():
+        print(f"{name}: worst bucket {100 * w:+.1f}% vs the reference")
     print(f"done in {time.time() - t0:.0f} s")
     return 0
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import make_llm, random_tokens
 
 from l2kv_cpp import archive, cache
-from l2kv_cpp.config import L2KVConfig, Policy
+from l2kv_cpp.config import L2KVConfig, Policy, Positions
 from l2kv_cpp.decode import decode, logits_ith
 from l2kv_cpp.errors import InvalidParamsError
 from l2kv_cpp.session import ggml_type_id
@@ -98,7 +98,11 @@ def test_archived_and_recalled_rows_are_the_originals(
     stock = _stock(tiny_model_hd64, tokens, **types)
     llm = make_llm(tiny_model_hd64, n_ctx=256, n_batch=N_BATCH, **types)
     try:
-        cache.enable(llm.ctx, L2KVConfig(kv_budget=BUDGET, n_sink=2, n_recent=4, per_head=per_head, policy=policy))
+        # original positions: the archived and recalled rows are compared byte for byte with a stock run
+        config = L2KVConfig(
+            kv_budget=BUDGET, n_sink=2, n_recent=4, per_head=per_head, policy=policy, positions=Positions.ORIGINAL
+        )
+        cache.enable(llm.ctx, config)
         archive.enable(llm.ctx)
         decode(llm, tokens, 0)
         cache.evict_now(llm.ctx)
@@ -314,7 +318,7 @@ def test_an_archive_on_disk_holds_and_gives_back_the_same_rows(tiny_model):
             decode(llm, tokens[:70], 400)  # the next eviction reuses the slots the recall freed
             end = archive.stats(llm.ctx)
             if on_disk:
-                row = st.n_bytes // st.n_entries - 4  # K + V + norm bytes of one row (every layer alike)
+                row = st.n_bytes // st.n_entries - 8  # K + V + norm bytes of a row (8: its positions)
                 added = end.n_entries - mid.n_entries
                 assert end.n_disk_bytes >= end.n_entries * row  # every row held is in the files
                 assert end.n_disk_bytes - st.n_disk_bytes < added * row  # not all new: freed slots reused

@@ -43,10 +43,18 @@ def test_bench_eviction_prints_every_part(tiny_model):
 
 
 def test_long_ppl_prints_one_row_per_bucket(tiny_model):
-    out = _run("long_ppl.py", "--model", str(tiny_model), "--tokens", "600", "--budget", "128", "--bucket", "200")
-    assert "policy window, budget 128, n_sink 4" in out and "policy key-diff" in out
+    args = ("long_ppl.py", "--model", str(tiny_model), "--tokens", "600", "--budgets", "128", "--bucket", "200")
+    out = _run(*args, "--ref-context", "200", "--positions", "cache,original")
+    assert "window, budget 128, cache positions" in out and "key-diff, budget 128, original positions" in out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "-" in line.split("|")[1]]
+    assert [r[0].strip() for r in rows] == ["0-200", "200-400", "400-599"]
+    assert all(len(r) == 2 + 4 and all("%)" in c for c in r[2:]) for r in rows)  # reference + 4 runs, with ratios
+    assert out.count("worst bucket") == 4
+    # beside one full cache of the whole text: one table per run
+    out = _run(*args, "--reference", "full", "--policies", "window")
+    assert "policy window, budget 128, cache positions" in out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "-" in line.split("|")[1]]
-    assert [r.split("|")[1].strip() for r in rows] == ["0-200", "200-400", "400-599"] * 2
+    assert [r.split("|")[1].strip() for r in rows] == ["0-200", "200-400", "400-599"]
 
 
 def test_bench_recall_prints_every_setting_and_turn(tiny_model):

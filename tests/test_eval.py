@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from l2kv_cpp.config import Policy
+from l2kv_cpp.config import Policy, Positions
+from l2kv_cpp.errors import InvalidParamsError
 from l2kv_cpp.eval import niah, passkey
 from l2kv_cpp.eval.qa import PROTOCOL, PROTOCOL_FULL, Compression
 from l2kv_cpp.eval.results import ResultStore
@@ -96,7 +97,7 @@ def test_recall_settings_are_a_variant_and_off_keeps_the_old_record_keys():
     from l2kv_cpp.eval.report import variant, variant_label
     from l2kv_cpp.eval.tasks import _comp_config
 
-    grid = compressions((0.5,), ("key-diff",), recalls=("off", "lexical:64:exchange"))
+    grid = compressions((0.5,), ("key-diff",), recalls=("off", "lexical:64:exchange"), positions=("original",))
     assert [c.recall for c in grid] == ["off", "off", "lexical:64:exchange"]
     off, on = _comp_config(grid[1]), _comp_config(grid[2])
     assert "recall" not in off and on["recall"] == "lexical:64:exchange"
@@ -105,6 +106,24 @@ def test_recall_settings_are_a_variant_and_off_keeps_the_old_record_keys():
     assert grid[2].l2kv(1000).recall.n_tokens == 64 and not grid[2].l2kv(1000).recall.grow
     with pytest.raises(ValueError):
         Compression("key-diff", 0.5, recall="telepathy")
+
+
+def test_positions_are_a_variant_and_original_keeps_the_old_record_keys():
+    """Records from before the positions mode ran original positions and have no "positions" key; a cache
+    run is its own row, and its settings reach the eviction."""
+    from l2kv_cpp.eval.report import variant, variant_label
+    from l2kv_cpp.eval.tasks import _comp_config
+
+    grid = compressions((0.5,), ("key-diff",), positions=("original", "cache"))
+    full, orig, cache = grid
+    assert "positions" not in _comp_config(orig) and "positions" not in _comp_config(full)
+    assert _comp_config(cache)["positions"] == "cache"
+    assert variant(_comp_config(orig))[4] == "original" and variant(_comp_config(cache))[4] == "cache"
+    assert variant_label(variant(_comp_config(cache))).endswith(", cache positions")
+    assert variant_label(variant(_comp_config(orig))) == "KeyDiff: keep distinctive keys"
+    assert cache.l2kv(1000).positions == Positions.CACHE and orig.l2kv(1000).positions == Positions.ORIGINAL
+    with pytest.raises(InvalidParamsError):
+        Compression("key-diff", 0.5, positions="sideways")
 
 
 @pytest.mark.slow

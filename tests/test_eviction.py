@@ -7,7 +7,7 @@ import pytest
 from conftest import make_llm, random_tokens
 
 from l2kv_cpp import _lib, cache
-from l2kv_cpp.config import L2KVConfig, Policy
+from l2kv_cpp.config import L2KVConfig, Policy, Positions
 from l2kv_cpp.decode import decode, logits_ith
 from l2kv_cpp.errors import InvalidParamsError, NativeCallError, UnsupportedModelError
 from l2kv_cpp.session import ggml_type_id
@@ -108,7 +108,10 @@ def test_kept_rows_are_byte_identical_to_a_stock_run(
     types = {"type_k": ggml_type_id(cache_type), "type_v": ggml_type_id(cache_type)}
     tokens = random_tokens(4 * 256)
     stock = _stock_rows(tiny_model_hd64, tokens, n_batch, **types)
-    config = L2KVConfig(kv_budget=budget, n_sink=2, n_recent=4, per_head=per_head, policy=policy)
+    # original positions: nothing re-rotates a key (tests/test_positions.py checks the cache positions)
+    config = L2KVConfig(
+        kv_budget=budget, n_sink=2, n_recent=4, per_head=per_head, policy=policy, positions=Positions.ORIGINAL
+    )
     llm = make_llm(tiny_model_hd64, n_ctx=256, n_batch=n_batch, **types)
     try:
         cache.enable(llm.ctx, config)
@@ -141,9 +144,12 @@ def test_kept_rows_are_byte_identical_to_a_stock_run(
         # 2) later rows of deeper layers attend an evicted cache (they differ from stock by design);
         #    layer 0 rows depend only on token and position: they must match through many evictions
         decode(llm, tokens[full:], full)
-        assert cache.stats(llm.ctx).n_evictions >= 5
+        st = cache.stats(llm.ctx)
+        assert st.n_evictions >= 5 and st.n_rotated_rows == 0 and st.rope_pos_max == st.pos_max
         checked += compare([0], len(tokens))
         assert checked > 1000
+        for il in range(n_layer):  # every key at its original position
+            np.testing.assert_array_equal(cache.read_rope_positions(llm.ctx, il), cache.read_layer(llm.ctx, il)[1])
     finally:
         llm.close()
 

@@ -53,12 +53,15 @@ def test_generation_far_past_the_buffer_is_bounded_and_matches_windowed_referenc
         assert st.kv_size == m.stats().kv_size
 
 
-def test_window_eviction_equals_dropping_the_same_tokens_in_a_stock_cache(tmp_path):
-    """The whole machinery (moves, virtual positions, mask) against stock llama.cpp: with the window
-    policy, eviction keeps the sinks and the newest tokens in every layer; removing exactly those
+@pytest.mark.parametrize("positions", ["original", "cache"])
+def test_window_eviction_equals_dropping_the_same_tokens_in_a_stock_cache(tmp_path, positions):
+    """The whole machinery (moves, virtual positions, mask, re-rotation) against stock llama.cpp: with the
+    window policy, eviction keeps the sinks and the newest tokens in every layer; removing exactly those
     positions with seq_rm from a stock cache at the same moments must give the same logits, up to the
     summation-order noise of the model, which the test measures itself: the same stock run with a
-    different batch size (f32 weights and cache, so nothing else differs)."""
+    different batch size (f32 weights and cache, so nothing else differs). With the positions in the cache
+    the stock run does llama.cpp's own context shift (seq_rm, then seq_add, whose K-shift graph re-rotates
+    the kept keys): StreamingLLM's rule computed by someone else's code path."""
     from l2kv_cpp.tiny_model import TinyModelConfig, write_tiny_model
 
     model = write_tiny_model(tmp_path / "f32.gguf", TinyModelConfig(weight_type="f32", seed=3))
@@ -69,13 +72,20 @@ def test_window_eviction_equals_dropping_the_same_tokens_in_a_stock_cache(tmp_pa
     def stock(batch: int) -> list[np.ndarray]:
         llm = make_llm(model, n_ctx=1024, n_batch=batch, type_k=f32, type_v=f32)
         mem, used, out = lc.llama_get_memory(llm.ctx), 0, []
+        shift = 0  # cache positions: how far the stock cache's positions are behind the text's
         try:
             for s in range(0, len(tokens), n_batch):
                 chunk = tokens[s : s + n_batch]
                 if used + len(chunk) > budget + n_batch:
-                    assert lc.llama_memory_seq_rm(mem, 0, n_sink, s - (budget - n_sink))
+                    if positions == "original":
+                        assert lc.llama_memory_seq_rm(mem, 0, n_sink, s - (budget - n_sink))
+                    else:  # llama.cpp's context shift: drop the oldest non-sinks, move the rest down
+                        n_discard = used - budget
+                        assert lc.llama_memory_seq_rm(mem, 0, n_sink, n_sink + n_discard)
+                        lc.llama_memory_seq_add(mem, 0, n_sink + n_discard, -1, -n_discard)
+                        shift += n_discard
                     used = budget
-                decode(llm, chunk, s)
+                decode(llm, chunk, s - shift)
                 used += len(chunk)
                 out.append(logits_ith(llm))
         finally:
@@ -84,7 +94,10 @@ def test_window_eviction_equals_dropping_the_same_tokens_in_a_stock_cache(tmp_pa
 
     a = make_llm(model, n_ctx=budget + n_batch, n_batch=n_batch, type_k=f32, type_v=f32)
     try:
-        cache.enable(a.ctx, L2KVConfig(kv_budget=budget, n_sink=n_sink, n_recent=0, policy="window", skip_layers=()))
+        config = L2KVConfig(
+            kv_budget=budget, n_sink=n_sink, n_recent=0, policy="window", skip_layers=(), positions=positions
+        )
+        cache.enable(a.ctx, config)
         evicted = []
         for s in range(0, len(tokens), n_batch):
             decode(a, tokens[s : s + n_batch], s)

@@ -71,3 +71,46 @@ def run_perplexity(
             kld.append((np.exp(lq[:k]) * (lq[:k] - lp[:k])).sum(axis=-1))
         n_ev = m.stats().n_evictions if l2kv else 0
     return PerplexityResult(np.concatenate(nll), np.concatenate(nll_full), np.concatenate(kld), n_ev)
+
+
+def _next_token_nll(m: L2KVModel, tokens: list[int], start: int, n: int, n_vocab: int) -> np.ndarray:
+    """NLL of tokens[start+1 .. start+n] after decoding tokens[start .. start+n) (logits of every token)."""
+    lp = log_softmax(_chunk_logits(m.llm, n, n_vocab))
+    nxt = tokens[start + 1 : start + n + 1]
+    return -lp[np.arange(len(nxt)), nxt]
+
+
+def streaming_nll(model_path: Path, tokens: list[int], l2kv: L2KVConfig, n_batch: int = 256) -> tuple[np.ndarray, int]:
+    """[n-1] NLL of every next token through an evicting context alone (no full-cache run beside it: at 64k
+    tokens that one costs more than everything else), and the number of evictions."""
+    settings = ModelSettings(n_batch=n_batch, n_ubatch=n_batch)
+    out = []
+    with L2KVModel(model_path, settings, l2kv) as m:
+        n_vocab = _lib.llama_cpp().llama_vocab_n_tokens(m._vocab)
+        for start in range(0, len(tokens), n_batch):
+            chunk = tokens[start : start + n_batch]
+            decode(m.llm, chunk, start, logits="all")
+            out.append(_next_token_nll(m, tokens, start, len(chunk), n_vocab))
+        n_ev = m.stats().n_evictions
+    return np.concatenate(out), n_ev
+
+
+def windowed_reference_nll(
+    model_path: Path, tokens: list[int], bucket: int, context: int, n_batch: int = 256
+) -> np.ndarray:
+    """[n-1] NLL of every next token with a reference that never leaves the training context: each bucket of
+    `bucket` tokens is scored in a fresh full cache that first reads the `context` tokens before it."""
+    settings = ModelSettings(n_batch=n_batch, n_ubatch=n_batch, n_ctx=context + bucket)
+    out = []
+    with L2KVModel(model_path, settings, None) as m:
+        n_vocab = _lib.llama_cpp().llama_vocab_n_tokens(m._vocab)
+        for b0 in range(0, len(tokens), bucket):
+            m.reset()
+            c0 = max(0, b0 - context)
+            if b0 > c0:
+                decode(m.llm, tokens[c0:b0], 0, logits="none")
+            for start in range(b0, min(b0 + bucket, len(tokens)), n_batch):
+                chunk = tokens[start : min(start + n_batch, b0 + bucket)]
+                decode(m.llm, chunk, start - c0, logits="all")
+                out.append(_next_token_nll(m, tokens, start, len(chunk), n_vocab))
+    return np.concatenate(out)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .. import cache
 from ..chat import Conversation
-from ..config import L2KVConfig, Policy
+from ..config import L2KVConfig, Policy, Positions
 from ..generate import stream_generate
 from ..recall import RecallSettings
 from ..sampling import SamplingSettings
@@ -63,11 +63,13 @@ class Compression:
     cache_type: str = "f16"  # K and V cache type (CACHE_TYPE_BYTES)
     keep_system: bool = True  # chat: the rendered system turn is never evicted (L2KVConfig.keep_system)
     recall: str = "off"  # what the question brings back from the archive (RecallSettings.parse: "lexical:128")
+    positions: str = "cache"  # RoPE positions after an eviction (config.Positions: "cache" or "original")
 
     def __post_init__(self) -> None:
         if self.cache_type not in CACHE_TYPE_BYTES:
             raise ValueError(f"cache_type {self.cache_type!r} is not one of {sorted(CACHE_TYPE_BYTES)}")
         RecallSettings.parse(self.recall)  # fails early on a bad setting
+        Positions.parse(self.positions)
 
     def budget(self, n_doc: int) -> int | None:
         if self.policy == "full":
@@ -87,6 +89,7 @@ class Compression:
             seed=self.seed,
             keep_system=self.keep_system,
             recall=RecallSettings.parse(self.recall),
+            positions=Positions.parse(self.positions),
         )
 
 

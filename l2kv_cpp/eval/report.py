@@ -46,7 +46,7 @@ def _by(records: Iterable[dict[str, Any]], task: str, model: str) -> list[dict[s
     return [r for r in records if r["task"] == task and r["model"] == model]
 
 
-Variant = tuple[str, str, bool, str]  # (policy, cache type, keep_system, recall)
+Variant = tuple[str, str, bool, str, str]  # (policy, cache type, keep_system, recall, RoPE positions)
 CACHE_TYPES = tuple(CACHE_TYPE_BYTES)  # the evaluation's cache types, most bytes first
 
 
@@ -58,14 +58,17 @@ def variant(config: dict[str, Any]) -> Variant:
         config.get("cache_type", "f16"),
         bool(config.get("keep_system", False)),
         config.get("recall", "off"),
+        config.get("positions", "original"),  # (records from before the mode existed: original positions)
     )
 
 
 def variant_label(v: Variant, chat: bool = True) -> str:
-    policy, cache_type, keep_system, recall = v
+    policy, cache_type, keep_system, recall, positions = v
     label = LABELS[policy]
     if recall != "off":
         label += f" + recall {recall}"
+    if policy != "full" and positions != "original":
+        label += f", {positions} positions"
     if cache_type != "f16":
         label += f", {cache_type} cache"
     if chat and policy != "full" and not keep_system:
@@ -76,7 +79,7 @@ def variant_label(v: Variant, chat: bool = True) -> str:
 def _variants(cells: Iterable[Variant]) -> list[Variant]:
     """Full cache rows first, then every policy; within each, by cache type, keep_system first."""
     order = {p: i for i, p in enumerate(("full", *POLICIES))}
-    return sorted(set(cells), key=lambda v: (v[0] != "full", CACHE_TYPES.index(v[1]), order[v[0]], not v[2], v[3]))
+    return sorted(set(cells), key=lambda v: (v[0] != "full", CACHE_TYPES.index(v[1]), order[v[0]], not v[2], *v[3:]))
 
 
 def accuracy_table(records: Iterable[dict[str, Any]], task: str, model: str) -> str:

@@ -35,17 +35,20 @@ def compressions(
     cache_types: Iterable[str] = ("f16",),
     keep_system: Iterable[bool] = (True,),
     recalls: Iterable[str] = ("off",),
+    positions: Iterable[str] = ("cache",),
     **kwargs: Any,
 ) -> list[Compression]:
     """The full cache in every cache type, then every policy at every keep ratio in every cache type (and
-    with and without the system turn protected, when keep_system holds both; with every recall setting)."""
-    types, systems, recall_settings = list(cache_types), list(keep_system), list(recalls)
+    with and without the system turn protected, when keep_system holds both; with every recall setting and
+    every RoPE positions mode)."""
+    types, systems, recall_settings, pos_modes = list(cache_types), list(keep_system), list(recalls), list(positions)
     out = [Compression("full", 1.0, cache_type=t) for t in types]
     out += [
-        Compression(p, k, cache_type=t, keep_system=ks, recall=rc, **kwargs)
+        Compression(p, k, cache_type=t, keep_system=ks, recall=rc, positions=pm, **kwargs)
         for t in types
         for ks in systems
         for rc in recall_settings
+        for pm in pos_modes
         for k in keeps
         for p in policies
     ]
@@ -67,6 +70,8 @@ def _comp_config(c: Compression) -> dict[str, Any]:
     d["policy_seed"] = d.pop("seed")  # "seed" belongs to the case (e.g. the passkey)
     if d["recall"] == "off":
         del d["recall"]  # as in the records from before recall existed
+    if d["positions"] == "original" or c.policy == "full":
+        del d["positions"]  # as in the records from before the positions mode existed (all original)
     return d
 
 
@@ -226,6 +231,7 @@ def run_ppl(
             policy=comp.policy,
             skip_layers=comp.skip_layers,
             seed=comp.seed,
+            positions=comp.positions,
         )
         r = run_perplexity(path, tokens, l2kv, n_batch)
         window = 128

@@ -23,7 +23,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define LLAMA_L2KV_ABI_VERSION 10
+#define LLAMA_L2KV_ABI_VERSION 11
 
 #ifdef __cplusplus
 extern "C" {
@@ -55,6 +55,16 @@ extern "C" {
                                               // 3/4 by KeyDiff (score min(rank_norm/0.25, rank_cos/0.75))
     };
 
+    // the RoPE positions of the kept keys after an eviction
+    enum llama_l2kv_positions {
+        LLAMA_L2KV_POSITIONS_ORIGINAL = 0, // every key keeps the rotation of its position in the text: distances to old
+                                           // keys grow without bound, past anything the model was trained on
+        LLAMA_L2KV_POSITIONS_CACHE    = 1, // StreamingLLM's rule: each (layer, KV head) renumbers its kept keys 0..n-1 in
+                                           // the order of their positions and re-rotates K; new tokens continue from n,
+                                           // so RoPE positions stay below kv_budget + n_slack at any length (the
+                                           // positions callers pass, masks and recall keep the text's positions)
+    };
+
     struct llama_l2kv_params {
         uint32_t kv_budget;          // entries kept per layer and KV head after an eviction (>= 1)
         uint32_t n_slack;            // entries the cache may hold past kv_budget: it grows to kv_budget + n_slack, then
@@ -73,6 +83,8 @@ extern "C" {
         const int32_t * skip_layers; // model layer ids that keep the n_sink first + most recent tokens instead
                                      // (every layer must hold the same number of entries, so skipped layers cannot
                                      // keep everything); copied by llama_l2kv_enable
+        int32_t  positions;          // enum llama_l2kv_positions; CACHE falls back to ORIGINAL (with a warning) where
+                                     // llama.cpp cannot shift the model's keys (llama_memory_can_shift)
     };
 
     struct llama_l2kv_stats {
@@ -92,6 +104,10 @@ extern "C" {
         double   t_move_ms;          //   the compaction graph
         uint64_t kv_bytes;           // K/V buffer size of the budgeted cache (also when eviction is off)
         uint64_t norm_bytes;         // size of the per-layer key norm buffers
+        int32_t  positions;          // enum llama_l2kv_positions in effect
+        int32_t  rope_pos_max;       // largest RoPE position in the cache (pos_max when keys keep original positions)
+        uint64_t n_rotated_rows;     // K rows re-rotated, all layers and heads, summed over events
+        double   t_rotate_ms;        // of t_evict_ms: the re-rotation graph
     };
 
     // attention layout of one model layer, as llama.cpp loaded it (see llama_l2kv_model_layer_info)
@@ -130,7 +146,8 @@ extern "C" {
     // writes the answer to *out and returns a status
     LLAMA_API int32_t llama_l2kv_get_flash_attn(const struct llama_context * ctx, bool * out);
 
-    // defaults: kv_budget 4096, n_sink 4, n_recent 32, KEY_DIFF, per head, seed 0, the policy's skip layers (-1)
+    // defaults: kv_budget 4096, n_sink 4, n_recent 32, KEY_DIFF, per head, seed 0, the policy's skip layers (-1),
+    // positions CACHE
     LLAMA_API struct llama_l2kv_params llama_l2kv_default_params(void);
 
     // enable eviction on a context whose KV cache is still empty (call before the first decode)
@@ -151,6 +168,15 @@ extern "C" {
             struct llama_context * ctx,
                          int32_t   il,
                            float * norms,
+                         int32_t * pos,
+                         int32_t   n_cells_max);
+
+    // the RoPE position each K row of model layer il is rotated to, for cells [0, n) where n is the returned value;
+    // layout [cell][kv head] as read_layer, empty cells get -1. With LLAMA_L2KV_POSITIONS_ORIGINAL these are the
+    // true positions
+    LLAMA_API int32_t llama_l2kv_read_rope_positions(
+            struct llama_context * ctx,
+                         int32_t   il,
                          int32_t * pos,
                          int32_t   n_cells_max);
 
@@ -247,7 +273,7 @@ extern "C" {
 
     struct llama_l2kv_archive_params {
         bool on_disk; // false: the rows in RAM; true: in unnamed temporary files (std::tmpfile, in $TMPDIR on
-                      // POSIX systems, removed when closed), RAM holding only positions and slots (12 bytes a row)
+                      // POSIX systems, removed when closed), RAM holding only positions and slots (16 bytes a row)
     };
 
     struct llama_l2kv_archive_stats {

@@ -502,6 +502,9 @@ int32_t llama_kv_cache_l2::init() {
     }
 
     tpos.assign(n_layer, {});
+    rpos.assign(n_layer, {});
+    pos_delta  = 0;
+    rope_cache = params.positions == LLAMA_L2KV_POSITIONS_CACHE && can_rotate();
 
     scorer = llama_l2kv_scorer_init(params.policy, params.seed);
     if (!scorer) {
@@ -587,6 +590,13 @@ int32_t llama_kv_cache_l2::true_pos(uint32_t ikv, uint32_t cell, uint32_t head) 
         return tpos[ikv][(size_t) cell*n_head_kv(ikv) + head];
     }
     return cells().pos_get(cell);
+}
+
+int32_t llama_kv_cache_l2::rope_pos(uint32_t ikv, uint32_t cell, uint32_t head) const {
+    if (cell < n_comp) {
+        return rpos[ikv][(size_t) cell*n_head_kv(ikv) + head];
+    }
+    return cells().pos_get(cell) - pos_delta;
 }
 
 std::vector<uint32_t> llama_kv_cache_l2::used_cells() const {
@@ -912,13 +922,13 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
     auto & cells = kv.v_cells[0];
 
     // (a recall may keep more than the budget: see recall_inject)
-    const uint32_t n_keep = evict_target > 0 ? evict_target : params.kv_budget;
-    evict_target = 0;
-
     const std::vector<uint32_t> used = used_cells();
-    if (used.size() <= n_keep) {
+    const uint32_t n_keep = std::min<uint32_t>(evict_target > 0 ? evict_target : params.kv_budget, used.size());
+    evict_target = 0;
+    if (used.size() <= n_keep && !pending_renumber) {
         return true;
     }
+    pending_renumber = false;
 
     const uint32_t n_used  = used.size();
     const uint32_t n_cells = cells.used_max_p1();
@@ -942,6 +952,7 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
 
     // 2. per (layer, group): scores, selection, and the rows to move
     std::vector<std::vector<int32_t>> new_tpos(n_layer);
+    std::vector<std::vector<int32_t>> old_rpos(n_layer); // the RoPE position of each kept row before the eviction
     std::vector<std::vector<int32_t>> mv_src(n_layer);
     std::vector<std::vector<int64_t>> mv_dst(n_layer);
     std::vector<std::vector<dropped_entry>> dropped(n_layer); // for the archive
@@ -959,6 +970,7 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
         std::vector<uint32_t> movers;
 
         new_tpos[ikv].assign((size_t) n_keep*nh, -1);
+        old_rpos[ikv].assign((size_t) n_keep*nh, 0);
 
         for (uint32_t g = 0; g < ng; ++g) {
             group_scores(ikv, g, used, feat[ikv], pos, score);
@@ -985,7 +997,7 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
                 for (uint32_t i = 0; i < n_used; ++i) {
                     const uint32_t c = used[i];
                     if (kept[c] < 0 && (fill == nullptr || !fill[(size_t) c*ng + g])) {
-                        dropped[ikv].push_back({ c, g, pos[i] });
+                        dropped[ikv].push_back({ c, g, pos[i], rope_pos(ikv, c, params.per_head ? g : 0) });
                     }
                 }
             }
@@ -1010,9 +1022,11 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
             auto record = [&](uint32_t from, uint32_t to) {
                 if (params.per_head) {
                     new_tpos[ikv][(size_t) to*nh + g] = pos[kept[from]];
+                    old_rpos[ikv][(size_t) to*nh + g] = rope_pos(ikv, from, g);
                 } else {
                     for (uint32_t h = 0; h < nh; ++h) {
                         new_tpos[ikv][(size_t) to*nh + h] = true_pos(ikv, from, h);
+                        old_rpos[ikv][(size_t) to*nh + h] = rope_pos(ikv, from, h);
                     }
                 }
             };
@@ -1106,6 +1120,38 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
     }
     const int64_t t_move_end_us = ggml_time_us();
 
+    // 4. RoPE positions: with rope_cache the kept keys of every (layer, head) become 0..n_keep-1 in the order of
+    //    their true positions and the next token n_keep; K rows whose rotation changes are re-rotated (none
+    //    while keys keep their original positions, so that mode runs exactly what it ran before)
+    std::vector<std::vector<int32_t>> new_rpos = target_rope_positions(new_tpos, n_keep, n_threads(lctx));
+    const int32_t new_delta = rope_cache ? pos_last + 1 - (int32_t) n_keep : 0;
+    {
+        std::vector<std::vector<int32_t>> delta(n_layer);
+        uint64_t n_rot = 0;
+        for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
+            const size_t n = new_rpos[ikv].size();
+            std::vector<int32_t> d(n);
+            bool any = false;
+            for (size_t i = 0; i < n; ++i) {
+                d[i] = new_rpos[ikv][i] - old_rpos[ikv][i];
+                any  = any || d[i] != 0;
+                n_rot += d[i] != 0;
+            }
+            if (any) {
+                delta[ikv] = std::move(d);
+            }
+        }
+        const int32_t swa_delta = pos_delta - new_delta;
+        if (n_rot > 0 || (swa_delta != 0 && kv_swa != nullptr)) {
+            if (!rotate(lctx, delta, n_keep, swa_delta)) {
+                failed = true;
+                return false;
+            }
+        }
+        n_rotated_rows += n_rot;
+    }
+    const int64_t t_rotate_end_us = ggml_time_us();
+
     // cells [0, n_keep) now hold the kept entries of every (layer, head): give them virtual positions
     // that end at the last position, so that they stay visible to every later token
     // (every used cell is rewritten, so one reset replaces a removal per cell: each removal and each
@@ -1120,6 +1166,8 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
     n_comp     = n_keep;
     p_comp_max = pos_last;
     tpos       = std::move(new_tpos);
+    rpos       = std::move(new_rpos);
+    pos_delta  = new_delta;
 
     const int64_t t_end_us = ggml_time_us();
 
@@ -1130,6 +1178,7 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
     t_feature_us += t_feature_end_us - t_start_us;
     t_rank_us    += t_rank_end_us - t_feature_end_us;
     t_move_us    += t_move_end_us - t_rank_end_us;
+    t_rotate_us  += t_rotate_end_us - t_move_end_us;
 
     LLAMA_LOG_DEBUG("%s: kept %u of %u entries per layer and head, moved %llu rows in %.2f ms "
             "(features %.2f, ranking %.2f, moves %.2f)\n", __func__, n_keep, n_used, (unsigned long long) n_moved,
@@ -1173,10 +1222,14 @@ bool llama_kv_cache_l2::shift_allowed() const {
 void llama_kv_cache_l2::on_clear() {
     n_comp     = 0;
     p_comp_max = -1;
+    pos_delta  = 0;
     archive.clear();
     pinned.clear();
     filler.clear();
     for (auto & t : tpos) {
+        t.clear();
+    }
+    for (auto & t : rpos) {
         t.clear();
     }
 }
@@ -1190,8 +1243,9 @@ void llama_kv_cache_l2::check_state_read(llama_seq_id seq_id) const {
 
 // "L2KV" little-endian, then the block's version
 static constexpr uint32_t LLAMA_L2KV_STATE_MAGIC   = 0x564b324c;
-// version 2 adds the archive block (version 1 states, without it, still load)
-static constexpr uint32_t LLAMA_L2KV_STATE_VERSION = 2;
+// version 2 adds the archive block, version 3 the RoPE positions (pos_delta, the compacted rows' and the archived
+// rows'); older states still load, as states whose keys kept their original positions
+static constexpr uint32_t LLAMA_L2KV_STATE_VERSION = 3;
 
 void llama_kv_cache_l2::state_write(llama_io_write_i & io, llama_seq_id seq_id) const {
     if (seq_id != -1) {
@@ -1221,13 +1275,15 @@ void llama_kv_cache_l2::state_write(llama_io_write_i & io, llama_seq_id seq_id) 
     io.write(&n_comp,     sizeof(n_comp));
     io.write(&p_comp_max, sizeof(p_comp_max));
     io.write(&n_used,     sizeof(n_used));
+    io.write(&pos_delta,  sizeof(pos_delta));
 
     for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
         const uint32_t nh = n_head_kv(ikv);
         io.write(&nh, sizeof(nh));
         if (n_comp > 0) {
-            GGML_ASSERT(tpos[ikv].size() == (size_t) n_comp*nh);
+            GGML_ASSERT(tpos[ikv].size() == (size_t) n_comp*nh && rpos[ikv].size() == (size_t) n_comp*nh);
             io.write(tpos[ikv].data(), tpos[ikv].size()*sizeof(int32_t));
+            io.write(rpos[ikv].data(), rpos[ikv].size()*sizeof(int32_t));
         }
         // the norm rows of the used cells, one write per run of consecutive cells
         const size_t row = (size_t) nh*sizeof(float);
@@ -1258,10 +1314,12 @@ void llama_kv_cache_l2::state_write(llama_io_write_i & io, llama_seq_id seq_id) 
         io.write(&row, sizeof(row));
         for (uint32_t g = 0; g < n_group(ikv); ++g) {
             std::vector<int32_t> pos;
+            std::vector<int32_t> rot;
             std::vector<uint8_t> rows;
-            const uint32_t n = archive.read(ikv, g, pos, rows);
+            const uint32_t n = archive.read(ikv, g, pos, rot, rows);
             io.write(&n, sizeof(n));
             io.write(pos.data(),  pos.size()*sizeof(int32_t));
+            io.write(rot.data(),  rot.size()*sizeof(int32_t));
             io.write(rows.data(), rows.size());
         }
     }
@@ -1277,8 +1335,8 @@ void llama_kv_cache_l2::state_read(llama_io_read_i & io) {
             throw std::runtime_error("the state has no l2kv data (saved with eviction disabled?)");
         }
         io.read(&version, sizeof(version));
-        if (version != 1 && version != LLAMA_L2KV_STATE_VERSION) {
-            throw std::runtime_error(format("l2kv state version %u, this library reads version %u",
+        if (version < 1 || version > LLAMA_L2KV_STATE_VERSION) {
+            throw std::runtime_error(format("l2kv state version %u, this library reads versions 1 to %u",
                     version, LLAMA_L2KV_STATE_VERSION));
         }
         uint32_t n_layer_in = 0;
@@ -1289,6 +1347,10 @@ void llama_kv_cache_l2::state_read(llama_io_read_i & io) {
         io.read(&n_comp_in,  sizeof(n_comp_in));
         io.read(&p_comp_in,  sizeof(p_comp_in));
         io.read(&n_used_in,  sizeof(n_used_in));
+        int32_t pos_delta_in = 0; // (older states: every key at its original position)
+        if (version >= 3) {
+            io.read(&pos_delta_in, sizeof(pos_delta_in));
+        }
         if (n_layer_in != n_layer) {
             throw std::runtime_error(format("the state has %u budgeted layers, this model %u", n_layer_in, n_layer));
         }
@@ -1299,6 +1361,7 @@ void llama_kv_cache_l2::state_read(llama_io_read_i & io) {
         }
 
         std::vector<std::vector<int32_t>> tpos_in(n_layer);
+        std::vector<std::vector<int32_t>> rpos_in(n_layer);
         for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
             uint32_t nh = 0;
             io.read(&nh, sizeof(nh));
@@ -1307,8 +1370,14 @@ void llama_kv_cache_l2::state_read(llama_io_read_i & io) {
                         layer_il(ikv), nh, n_head_kv(ikv)));
             }
             tpos_in[ikv].resize((size_t) n_comp_in*nh);
+            rpos_in[ikv].resize((size_t) n_comp_in*nh);
             if (n_comp_in > 0) {
                 io.read(tpos_in[ikv].data(), tpos_in[ikv].size()*sizeof(int32_t));
+                if (version >= 3) {
+                    io.read(rpos_in[ikv].data(), rpos_in[ikv].size()*sizeof(int32_t));
+                } else {
+                    rpos_in[ikv] = tpos_in[ikv];
+                }
             }
             if (n_used_in > 0) {
                 io.read_tensor(kn[ikv], 0, (size_t) n_used_in*nh*sizeof(float));
@@ -1318,7 +1387,12 @@ void llama_kv_cache_l2::state_read(llama_io_read_i & io) {
         // the archive (version 2): read whole before anything changes
         uint8_t on = 0;
         llama_l2kv_spans pinned_in;
-        std::vector<std::vector<std::pair<std::vector<int32_t>, std::vector<uint8_t>>>> archive_in;
+        struct archived_in {
+            std::vector<int32_t> pos;
+            std::vector<int32_t> rot;
+            std::vector<uint8_t> rows;
+        };
+        std::vector<std::vector<archived_in>> archive_in;
         if (version >= 2) {
             io.read(&on, sizeof(on));
         }
@@ -1346,10 +1420,16 @@ void llama_kv_cache_l2::state_read(llama_io_read_i & io) {
                 for (uint32_t g = 0; g < n_group(ikv); ++g) {
                     uint32_t n = 0;
                     io.read(&n, sizeof(n));
-                    auto & [pos, rows] = archive_in[ikv][g];
+                    auto & [pos, rot, rows] = archive_in[ikv][g];
                     pos.resize(n);
                     rows.resize((size_t) n*row);
                     io.read(pos.data(), pos.size()*sizeof(int32_t));
+                    if (version >= 3) {
+                        rot.resize(n);
+                        io.read(rot.data(), rot.size()*sizeof(int32_t));
+                    } else {
+                        rot = pos;
+                    }
                     io.read(rows.data(), rows.size());
                 }
             }
@@ -1358,11 +1438,14 @@ void llama_kv_cache_l2::state_read(llama_io_read_i & io) {
         n_comp     = n_comp_in;
         p_comp_max = p_comp_in;
         tpos       = std::move(tpos_in);
+        rpos       = std::move(rpos_in);
+        pos_delta  = pos_delta_in; // (the next eviction re-rotates to this context's positions mode)
         if (archive_on) {
             archive.clear();
             for (uint32_t ikv = 0; ikv < archive_in.size(); ++ikv) {
                 for (uint32_t g = 0; g < archive_in[ikv].size(); ++g) {
-                    if (!archive.restore(ikv, g, archive_in[ikv][g].first, archive_in[ikv][g].second)) {
+                    const auto & in = archive_in[ikv][g];
+                    if (!archive.restore(ikv, g, in.pos, in.rot, in.rows)) {
                         archive.clear();
                         throw std::runtime_error("cannot write the archive of evicted entries to its temporary file");
                     }

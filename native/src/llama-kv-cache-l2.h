@@ -14,8 +14,13 @@
 //   memory, else one get_rows/set_rows pair per tensor on the backend);
 // - every layer keeps the same number T of entries, so the shared cell metadata stays valid:
 //   cells [0, T) get virtual positions ending at the last position (all visible to later tokens,
-//   whose RoPE positions keep increasing); the true position of every (layer, cell, head) lives
-//   in a host table.
+//   whose positions keep increasing); the true position of every (layer, cell, head) lives
+//   in a host table;
+// - RoPE positions (llama-l2kv-positions.cpp): with LLAMA_L2KV_POSITIONS_CACHE an eviction renumbers the
+//   kept keys of every (layer, head) 0..T-1 in the order of their true positions and re-rotates K by the
+//   difference (llama.cpp's K-shift, per row); new tokens are rotated to their position minus pos_delta
+//   (the hook in llm_graph_input_pos), so RoPE distances stay inside the cache while the positions
+//   callers pass, the cells and the masks keep the text's positions.
 
 #pragma once
 
@@ -142,8 +147,19 @@ struct llama_kv_cache_l2 {
     layer_tensors_bufs ctxs_bufs;
     ggml_context_ptr ctx_alias;
 
-    // true positions of the compacted cells: tpos[ikv][cell*n_group + group], cells [0, n_comp)
+    // true positions of the compacted cells: tpos[ikv][cell*n_head_kv + head], cells [0, n_comp)
     std::vector<std::vector<int32_t>> tpos;
+
+    // RoPE positions of the compacted cells' K rows, laid out as tpos (equal to tpos while keys keep their
+    // original positions); a cell past n_comp holds a new token, rotated to its position - pos_delta
+    std::vector<std::vector<int32_t>> rpos;
+    int32_t pos_delta = 0;
+
+    bool rope_cache = false; // LLAMA_L2KV_POSITIONS_CACHE in effect (asked for, and the model's keys can be shifted)
+
+    // the sliding-window cache of an iSWA model (nullptr otherwise): its K rows follow pos_delta too, since
+    // every layer's queries get the same positions
+    llama_kv_cache * kv_swa = nullptr;
 
     uint32_t n_comp     = 0;  // cells [0, n_comp) hold compacted entries (virtual positions)
     int32_t  p_comp_max = -1; // last true position at the last compaction
@@ -175,6 +191,10 @@ struct llama_kv_cache_l2 {
     // entries per (layer, group) the next eviction keeps instead of kv_budget (0: kv_budget); set by a recall
     uint32_t evict_target = 0;
 
+    // a recall put rows back with the rotation they were archived with: the next eviction runs (renumbering
+    // the RoPE positions, see llama-l2kv-positions.cpp) even when it has nothing to drop
+    bool pending_renumber = false;
+
     // the queries of the last ubatch, kept for recall while capture_q (llama_l2kv_capture_queries): per cache
     // layer, F32 [n_embd_head_k * n_head, n_q_max], token t in column t
     bool                       capture_q = false;
@@ -193,6 +213,8 @@ struct llama_kv_cache_l2 {
     int64_t  t_feature_us = 0; // of which: norm read-back and the key-cosine graph
     int64_t  t_rank_us    = 0; // of which: scores and selection on the host
     int64_t  t_move_us    = 0; // of which: the compaction graph
+    int64_t  t_rotate_us  = 0; // of which: the re-rotation graph
+    uint64_t n_rotated_rows = 0;
 
     // access to the state of a cache (this struct is a friend of llama_kv_cache)
     static llama_kv_cache_l2 * get(const llama_kv_cache & kv);
@@ -253,6 +275,7 @@ struct llama_kv_cache_l2 {
         uint32_t cell;
         uint32_t group;
         int32_t  pos;
+        int32_t  rot; // its RoPE position
     };
     void archive_dropped(uint32_t ikv, const std::vector<dropped_entry> & dropped);
 
@@ -309,6 +332,27 @@ struct llama_kv_cache_l2 {
 
     // true position of the entry in (cache layer ikv, cell, kv head)
     int32_t true_pos(uint32_t ikv, uint32_t cell, uint32_t head) const;
+
+    // RoPE position of the K row of (cache layer ikv, cell, kv head)
+    int32_t rope_pos(uint32_t ikv, uint32_t cell, uint32_t head) const;
+
+    // positions (llama-l2kv-positions.cpp): whether the model's keys can be re-rotated (as llama.cpp's
+    // get_can_shift, before our own refusal); logs why not
+    bool can_rotate() const;
+
+    // the RoPE positions the kept entries of an eviction get: from the true positions new_tpos of cells
+    // [0, n_keep) (layout of tpos), the ranks per (layer, head) with rope_cache, else the true positions
+    std::vector<std::vector<int32_t>> target_rope_positions(const std::vector<std::vector<int32_t>> & new_tpos,
+            uint32_t n_keep, int32_t n_threads) const;
+
+    // the RoPE position of the newest entry (-1 when empty): the next token is rotated to one more
+    int32_t rope_pos_max() const;
+
+    // re-rotate K: the row of (cache layer ikv, cell, head) by delta[ikv][cell*n_head_kv + head] for cells
+    // [0, n_cells) (an empty vector: no change in that layer), and every cell of the sliding-window cache by
+    // swa_delta; one graph on the context's scheduler; false on a backend failure
+    bool rotate(llama_context * lctx, const std::vector<std::vector<int32_t>> & delta, uint32_t n_cells,
+            int32_t swa_delta);
 
     // seq_rm hook: false refuses a removal that cannot be honoured after a compaction
     bool seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1);

@@ -71,7 +71,7 @@ bool llama_l2kv_archive::init(const std::vector<uint32_t> & n_group, const std::
     return true;
 }
 
-bool llama_l2kv_archive::add(uint32_t ikv, uint32_t g, int32_t pos, const void * k, const void * v, const void * kn) {
+bool llama_l2kv_archive::add(uint32_t ikv, uint32_t g, int32_t pos, int32_t rot, const void * k, const void * v, const void * kn) {
     const row_layout & lay = layouts[ikv];
     std::vector<uint8_t> row(lay.total());
     memcpy(row.data(),                 k,  lay.k);
@@ -85,6 +85,7 @@ bool llama_l2kv_archive::add(uint32_t ikv, uint32_t g, int32_t pos, const void *
     }
     group_store & st = stores[ikv][g];
     st.pos.push_back(pos);
+    st.rot.push_back(rot);
     st.slot.push_back(s);
     return true;
 }
@@ -110,7 +111,7 @@ uint32_t llama_l2kv_archive::count(uint32_t ikv, uint32_t g, const llama_l2kv_sp
 }
 
 uint32_t llama_l2kv_archive::take(uint32_t ikv, uint32_t g, const llama_l2kv_spans & spans, uint32_t n_max,
-        std::vector<int32_t> & pos, std::vector<uint8_t> & rows) {
+        std::vector<int32_t> & pos, std::vector<int32_t> & rot, std::vector<uint8_t> & rows) {
     group_store & st = stores[ikv][g];
     pool & pl = pools[ikv];
     const size_t row = layouts[ikv].total();
@@ -120,6 +121,7 @@ uint32_t llama_l2kv_archive::take(uint32_t ikv, uint32_t g, const llama_l2kv_spa
     for (uint32_t i : idx) {
         taken[i] = true;
         pos.push_back(st.pos[i]);
+        rot.push_back(st.rot[i]);
         rows.resize(rows.size() + row);
         pl.read(st.slot[i], row, rows.data() + rows.size() - row);
         pl.free.push_back(st.slot[i]);
@@ -129,16 +131,19 @@ uint32_t llama_l2kv_archive::take(uint32_t ikv, uint32_t g, const llama_l2kv_spa
     for (size_t i = 0; i < st.pos.size(); ++i) {
         if (!taken[i]) {
             st.pos[w]  = st.pos[i];
+            st.rot[w]  = st.rot[i];
             st.slot[w] = st.slot[i];
             ++w;
         }
     }
     st.pos.resize(w);
+    st.rot.resize(w);
     st.slot.resize(w);
     return (uint32_t) idx.size();
 }
 
-uint32_t llama_l2kv_archive::read(uint32_t ikv, uint32_t g, std::vector<int32_t> & pos, std::vector<uint8_t> & rows) const {
+uint32_t llama_l2kv_archive::read(uint32_t ikv, uint32_t g, std::vector<int32_t> & pos, std::vector<int32_t> & rot,
+        std::vector<uint8_t> & rows) const {
     const group_store & st = stores[ikv][g];
     const pool & pl = pools[ikv];
     const size_t row = layouts[ikv].total();
@@ -147,24 +152,27 @@ uint32_t llama_l2kv_archive::read(uint32_t ikv, uint32_t g, std::vector<int32_t>
     std::sort(idx.begin(), idx.end(), [&](uint32_t a, uint32_t b) { return st.pos[a] < st.pos[b]; });
     for (uint32_t i : idx) {
         pos.push_back(st.pos[i]);
+        rot.push_back(st.rot[i]);
         rows.resize(rows.size() + row);
         pl.read(st.slot[i], row, rows.data() + rows.size() - row);
     }
     return (uint32_t) idx.size();
 }
 
-bool llama_l2kv_archive::restore(uint32_t ikv, uint32_t g, const std::vector<int32_t> & pos, const std::vector<uint8_t> & rows) {
+bool llama_l2kv_archive::restore(uint32_t ikv, uint32_t g, const std::vector<int32_t> & pos,
+        const std::vector<int32_t> & rot, const std::vector<uint8_t> & rows) {
     group_store & st = stores[ikv][g];
     pool & pl = pools[ikv];
     for (uint64_t s : st.slot) {
         pl.free.push_back(s);
     }
     st.pos.clear();
+    st.rot.clear();
     st.slot.clear();
     const size_t row = layouts[ikv].total();
     for (size_t i = 0; i < pos.size(); ++i) {
         const uint8_t * r = rows.data() + i*row;
-        if (!add(ikv, g, pos[i], r, r + layouts[ikv].k, r + layouts[ikv].k + layouts[ikv].v)) {
+        if (!add(ikv, g, pos[i], rot[i], r, r + layouts[ikv].k, r + layouts[ikv].k + layouts[ikv].v)) {
             return false;
         }
     }
@@ -197,7 +205,7 @@ size_t llama_l2kv_archive::n_bytes() const {
     size_t n = 0;
     for (size_t ikv = 0; ikv < stores.size(); ++ikv) {
         for (const auto & st : stores[ikv]) {
-            n += st.pos.size()*(layouts[ikv].total() + sizeof(int32_t));
+            n += st.pos.size()*(layouts[ikv].total() + 2*sizeof(int32_t));
         }
     }
     return n;
@@ -217,6 +225,7 @@ void llama_l2kv_archive::clear() {
     for (auto & layer : stores) {
         for (auto & st : layer) {
             st.pos.clear();
+            st.rot.clear();
             st.slot.clear();
         }
     }

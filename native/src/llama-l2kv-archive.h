@@ -2,13 +2,13 @@
 //
 // An eviction that does not know the next question cannot keep the fact only that question makes
 // important. With the archive on, every entry an eviction drops goes here instead of being lost: per
-// (cache layer, group) its true position and its K, V and key-norm rows, byte for byte as they were
+// (cache layer, group) its true position, the RoPE position its K row is rotated to, and its K, V and key-norm rows, byte for byte as they were
 // stored (any cache type). A recall (llama_kv_cache_l2::recall_inject) takes the entries of some
 // position spans back out and puts them into the cache again.
 //
 // Rows live in one pool per cache layer, in slots of the layer's row size: in RAM, or in an unnamed
 // temporary file (std::tmpfile, removed when closed) so that RAM holds only positions and slot
-// numbers (12 bytes per row). Slots freed by a recall are reused by the next eviction.
+// numbers (16 bytes per row). Slots freed by a recall are reused by the next eviction.
 
 #pragma once
 
@@ -44,24 +44,26 @@ public:
 
     // keep one dropped entry of (cache layer ikv, group g); different layers may be added from different
     // threads (each layer has its own pool); false on a write error of the disk pool
-    bool add(uint32_t ikv, uint32_t g, int32_t pos, const void * k, const void * v, const void * kn);
+    bool add(uint32_t ikv, uint32_t g, int32_t pos, int32_t rot, const void * k, const void * v, const void * kn);
 
     // the entries of (ikv, g) whose position lies in `spans`, at most n_max (ascending position)
     uint32_t count(uint32_t ikv, uint32_t g, const llama_l2kv_spans & spans, uint32_t n_max) const;
 
-    // remove the entries count() names (same arguments) and append their positions to pos and their rows
-    // (K, V, norm, one entry after the other) to rows
+    // remove the entries count() names (same arguments) and append their positions to pos, their RoPE
+    // positions to rot and their rows (K, V, norm, one entry after the other) to rows
     uint32_t take(uint32_t ikv, uint32_t g, const llama_l2kv_spans & spans, uint32_t n_max,
-            std::vector<int32_t> & pos, std::vector<uint8_t> & rows);
+            std::vector<int32_t> & pos, std::vector<int32_t> & rot, std::vector<uint8_t> & rows);
 
     // the entries of (ikv, g)
     uint32_t size(uint32_t ikv, uint32_t g) const { return (uint32_t) stores[ikv][g].pos.size(); }
 
     // every entry of (ikv, g), ascending position, as take() returns them (the archive keeps them)
-    uint32_t read(uint32_t ikv, uint32_t g, std::vector<int32_t> & pos, std::vector<uint8_t> & rows) const;
+    uint32_t read(uint32_t ikv, uint32_t g, std::vector<int32_t> & pos, std::vector<int32_t> & rot,
+            std::vector<uint8_t> & rows) const;
 
     // replace the entries of (ikv, g) (loading a state); rows.size() must be pos.size() * layout(ikv).total()
-    bool restore(uint32_t ikv, uint32_t g, const std::vector<int32_t> & pos, const std::vector<uint8_t> & rows);
+    bool restore(uint32_t ikv, uint32_t g, const std::vector<int32_t> & pos, const std::vector<int32_t> & rot,
+            const std::vector<uint8_t> & rows);
 
     // counts[p] += the (layer, group) rows archived at position p, for p < n_pos
     void coverage(int32_t * counts, int32_t n_pos) const;
@@ -77,6 +79,7 @@ public:
 private:
     struct group_store {
         std::vector<int32_t>  pos;  // [n] true positions, in the order the entries came
+        std::vector<int32_t>  rot;  // [n] the RoPE position of each K row (pos unless positions are in the cache)
         std::vector<uint64_t> slot; // [n] slot of each entry's row in the layer's pool
     };
 

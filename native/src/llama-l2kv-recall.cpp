@@ -89,7 +89,7 @@ void llama_kv_cache_l2::archive_dropped(uint32_t ikv, const std::vector<dropped_
     }
     for (const auto & d : dropped) {
         const size_t r = (size_t) d.cell*ng + d.group - r0;
-        if (!archive.add(ikv, d.group, d.pos, base[0] + r*tensors[0]->nb[1], base[1] + r*tensors[1]->nb[1],
+        if (!archive.add(ikv, d.group, d.pos, d.rot, base[0] + r*tensors[0]->nb[1], base[1] + r*tensors[1]->nb[1],
                 base[2] + r*tensors[2]->nb[1]) && !archive_write_failed) {
             archive_write_failed = true; // (the entry is lost, as without an archive)
             LLAMA_LOG_WARN("%s: cannot write to the archive's temporary file (disk full?): evicted entries are "
@@ -126,13 +126,16 @@ uint32_t llama_kv_cache_l2::recall_inject(const llama_l2kv_spans & spans) {
     uint64_t n_back = 0;
     uint32_t m_min  = n_new;
     std::vector<int32_t> pos;
+    std::vector<int32_t> rot;
     std::vector<uint8_t> rows;
     for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
         const uint32_t nh  = n_head_kv(ikv);
         const uint32_t ng  = n_group(ikv);
         const auto &   lay = archive.layout(ikv);
         auto & tp = tpos[ikv];
+        auto & rp = rpos[ikv]; // (the eviction that follows re-rotates what it keeps to the cache's positions)
         tp.resize((size_t) n_cells*nh, -1);
+        rp.resize((size_t) n_cells*nh, 0);
         filler[ikv].assign((size_t) n_cells*ng, 0);
 
         // per tensor: the new rows, staged and written at once; the kept rows fillers copy (cells [0, n_src))
@@ -149,8 +152,9 @@ uint32_t llama_kv_cache_l2::recall_inject(const llama_l2kv_spans & spans) {
 
         for (uint32_t g = 0; g < ng; ++g) {
             pos.clear();
+            rot.clear();
             rows.clear();
-            const uint32_t m = archive.take(ikv, g, spans, n_new, pos, rows);
+            const uint32_t m = archive.take(ikv, g, spans, n_new, pos, rot, rows);
             n_back += m;
             m_min   = std::min(m_min, m);
             for (uint32_t j = 0; j < n_new; ++j) {
@@ -163,6 +167,7 @@ uint32_t llama_kv_cache_l2::recall_inject(const llama_l2kv_spans & spans) {
                     }
                     for (uint32_t h = 0; h < (params.per_head ? 1 : nh); ++h) {
                         tp[(size_t) cell*nh + (params.per_head ? g : h)] = pos[j];
+                        rp[(size_t) cell*nh + (params.per_head ? g : h)] = rot[j];
                     }
                 } else {
                     // a filler: the kept entry of cell (j - m) mod kv_budget, evicted first
@@ -174,6 +179,7 @@ uint32_t llama_kv_cache_l2::recall_inject(const llama_l2kv_spans & spans) {
                     for (uint32_t h = 0; h < (params.per_head ? 1 : nh); ++h) {
                         const uint32_t hh = params.per_head ? g : h;
                         tp[(size_t) cell*nh + hh] = tp[(size_t) from*nh + hh];
+                        rp[(size_t) cell*nh + hh] = rp[(size_t) from*nh + hh];
                     }
                     filler[ikv][(size_t) cell*ng + g] = 1;
                 }
@@ -196,7 +202,8 @@ uint32_t llama_kv_cache_l2::recall_inject(const llama_l2kv_spans & spans) {
 
     // what every group got back without dropping anything stays on top of the budget (in the slack, which
     // the buffer holds anyway); the fillers must go before anything attends to them
-    evict_target = n_keep + m_min;
+    evict_target     = n_keep + m_min;
+    pending_renumber = true;
 
     n_recalls  += 1;
     n_recalled += n_back;

@@ -105,6 +105,7 @@ struct llama_l2kv_params llama_l2kv_default_params(void) {
         /*.seed          =*/ 0,
         /*.n_skip_layers =*/ -1,
         /*.skip_layers   =*/ nullptr,
+        /*.positions     =*/ LLAMA_L2KV_POSITIONS_CACHE,
     };
     return p;
 }
@@ -161,6 +162,10 @@ int32_t llama_l2kv_enable(struct llama_context * ctx, const struct llama_l2kv_pa
         llama_l2kv_error("%s: n_skip_layers (%d) must be -1, 0, or the length of skip_layers (not NULL)\n", __func__, params->n_skip_layers);
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
     }
+    if (params->positions != LLAMA_L2KV_POSITIONS_ORIGINAL && params->positions != LLAMA_L2KV_POSITIONS_CACHE) {
+        llama_l2kv_error("%s: positions (%d) is not a llama_l2kv_positions\n", __func__, params->positions);
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
     std::vector<int32_t> skip;
     if (params->n_skip_layers == -1) {
         skip = llama_l2kv_default_skip_layers(params->policy);
@@ -193,6 +198,9 @@ int32_t llama_l2kv_enable(struct llama_context * ctx, const struct llama_l2kv_pa
 
     auto l2 = std::make_shared<llama_kv_cache_l2>(*kv, *params, std::move(skip));
     l2->n_slack = n_slack;
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(ctx->get_memory())) {
+        l2->kv_swa = iswa->get_swa(); // its keys follow the RoPE positions of the queries
+    }
     const int32_t status = l2->init();
     if (status != LLAMA_L2KV_STATUS_OK) {
         return status;
@@ -204,9 +212,9 @@ int32_t llama_l2kv_enable(struct llama_context * ctx, const struct llama_l2kv_pa
     ctx->memory_update(false);
 
     LLAMA_LOG_INFO("%s: L2 eviction on %u layers: budget %u of %u cells, n_sink %u, n_recent %u, policy %d, %s, "
-            "%zu skip layers, norms %.2f MiB\n", __func__, l2->n_layer(), params->kv_budget, kv_size, params->n_sink,
-            params->n_recent, params->policy, params->per_head ? "per head" : "per layer", l2->skip_layers.size(),
-            l2->norm_bytes()/1024.0/1024.0);
+            "%zu skip layers, norms %.2f MiB, %s positions\n", __func__, l2->n_layer(), params->kv_budget, kv_size,
+            params->n_sink, params->n_recent, params->policy, params->per_head ? "per head" : "per layer",
+            l2->skip_layers.size(), l2->norm_bytes()/1024.0/1024.0, l2->rope_cache ? "cache" : "original");
 
     return LLAMA_L2KV_STATUS_OK;
 }
@@ -263,6 +271,12 @@ int32_t llama_l2kv_get_stats(const struct llama_context * ctx, struct llama_l2kv
         out->t_rank_ms         = l2->t_rank_us/1000.0;
         out->t_move_ms         = l2->t_move_us/1000.0;
         out->norm_bytes        = l2->norm_bytes();
+        out->positions         = l2->rope_cache ? LLAMA_L2KV_POSITIONS_CACHE : LLAMA_L2KV_POSITIONS_ORIGINAL;
+        out->rope_pos_max      = l2->rope_pos_max();
+        out->n_rotated_rows    = l2->n_rotated_rows;
+        out->t_rotate_ms       = l2->t_rotate_us/1000.0;
+    } else {
+        out->rope_pos_max      = out->pos_max;
     }
     return LLAMA_L2KV_STATUS_OK;
 }
@@ -294,6 +308,28 @@ int32_t llama_l2kv_n_head_kv(const struct llama_context * ctx, int32_t il) {
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
     }
     return (int32_t) l2->n_head_kv(ikv);
+}
+
+int32_t llama_l2kv_read_rope_positions(struct llama_context * ctx, int32_t il, int32_t * pos, int32_t n_cells_max) {
+    llama_l2kv_clear_error();
+    if (ctx == nullptr || pos == nullptr || n_cells_max < 0) {
+        llama_l2kv_error("%s: ctx and pos must not be NULL, n_cells_max (%d) must be >= 0\n", __func__, n_cells_max);
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    const int32_t nh = llama_l2kv_n_head_kv(ctx, il);
+    if (nh < 0) {
+        return nh;
+    }
+    const llama_kv_cache_l2 * l2 = llama_l2kv_get_enabled(ctx, __func__);
+    const uint32_t ikv = l2->layer_ikv(il);
+    const auto & cells = l2->cells();
+    const uint32_t n = std::min<uint32_t>(cells.used_max_p1(), n_cells_max);
+    for (uint32_t c = 0; c < n; ++c) {
+        for (int32_t h = 0; h < nh; ++h) {
+            pos[(size_t) c*nh + h] = cells.is_empty(c) ? -1 : l2->rope_pos(ikv, c, h);
+        }
+    }
+    return (int32_t) n;
 }
 
 int32_t llama_l2kv_read_layer(struct llama_context * ctx, int32_t il, float * norms, int32_t * pos, int32_t n_cells_max) {
@@ -548,8 +584,9 @@ int32_t llama_l2kv_archive_read(const struct llama_context * ctx, int32_t il, in
         return (int32_t) n; // sizes only: no copy of the rows (they may be on disk)
     }
     std::vector<int32_t> p;
+    std::vector<int32_t> rot;
     std::vector<uint8_t> r;
-    l2->archive.read(ikv, group, p, r);
+    l2->archive.read(ikv, group, p, rot, r);
     const size_t n_out = std::min<size_t>(n, n_max);
     if (pos != nullptr) {
         std::copy(p.begin(), p.begin() + n_out, pos);
