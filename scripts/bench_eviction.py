@@ -199,12 +199,13 @@ def bench_policies(
     backend: Backend,
     events: int = 6,
     in_prefill: bool = False,
+    positions: str = "cache",
 ):
     vocab = read_gguf(model).n_vocab
     rows = []
     for policy in Policy:
         llm = make(model, budget + n_batch, n_batch, backend)
-        cache.enable(llm.ctx, L2KVConfig(kv_budget=budget, policy=policy))
+        cache.enable(llm.ctx, L2KVConfig(kv_budget=budget, policy=policy, positions=positions))
         prompt = tokens(budget + events * n_batch, 2, vocab)
         decode(llm, prompt[:budget], 0)
         s0 = cache.stats(llm.ctx)
@@ -231,11 +232,11 @@ def bench_policies(
         rows.append(
             [
                 name,
-                f"eviction per event, {policy.cli_name}",
+                f"eviction per event, {policy.cli_name}, {positions} positions",
                 f"{per('t_evict_ms'):.2f} ms = {per('t_feature_ms'):.2f} + {per('t_rank_ms'):.2f} + "
-                f"{per('t_move_ms'):.2f} ({n} events)",
+                f"{per('t_move_ms'):.2f} + {per('t_rotate_ms'):.2f} ({n} events)",
                 result,
-                "features + rank + move",
+                "features + rank + move + re-rotation",
             ]
         )
     return rows
@@ -253,6 +254,7 @@ def main() -> int:
     ap.add_argument("--gpu-layers", type=int, default=0, help="-1 offloads every layer (GPU builds)")
     ap.add_argument("--no-tiny", action="store_true", help="skip the tiny random model")
     ap.add_argument("--policies-only", action="store_true", help="only part 4, the cost of each policy")
+    ap.add_argument("--positions", default="cache", help="part 4: RoPE positions modes, comma-separated")
     ap.add_argument(
         "--events-in-prefill",
         action="store_true",
@@ -270,7 +272,10 @@ def main() -> int:
         if args.policies_only
         else bench_model(name, model, args.budget, args.batch, args.gen_tokens, args.repeats, backend)
     )
-    rows += bench_policies(name, model, args.budget, args.batch, backend, in_prefill=args.events_in_prefill)
+    for positions in args.positions.split(","):
+        rows += bench_policies(
+            name, model, args.budget, args.batch, backend, in_prefill=args.events_in_prefill, positions=positions
+        )
     if not args.no_tiny:
         with tempfile.TemporaryDirectory() as tmp:
             tiny = write_tiny_model(Path(tmp) / "tiny.gguf", TinyModelConfig(n_layer=8, head_dim=64, n_ff=512))

@@ -75,6 +75,7 @@ def main() -> int:
         "past the training context); full: one full cache of the whole text beside each run",
     )
     ap.add_argument("--ref-context", type=int, default=4096, help="tokens before each bucket in the window reference")
+    ap.add_argument("--cache-type", default="f16", help="K/V cache type of the evicting runs (the reference: f16)")
     args = ap.parse_args()
     native().set_log(verbose=False)
 
@@ -82,7 +83,10 @@ def main() -> int:
     n_ctx_train = read_gguf(path).n_ctx_train
     with open_tokenizer(path) as tok:
         tokens = text_tokens(tok, corpus_text(), args.tokens)
-    print(f"{path.name} (training context {n_ctx_train}), {len(tokens)} tokens, n_sink {args.n_sink}, n_batch 256")
+    print(
+        f"{path.name} (training context {n_ctx_train}), {len(tokens)} tokens, n_sink {args.n_sink}, n_batch 256, "
+        f"cache type {args.cache_type}"
+    )
     t0 = time.time()
     if args.reference == "full":
         _reference_rows(args, path, tokens)
@@ -97,7 +101,7 @@ def main() -> int:
             for positions in args.positions.split(","):
                 t1 = time.time()
                 config = L2KVConfig(kv_budget=budget, n_sink=args.n_sink, policy=policy, positions=positions)
-                nll, n_ev = streaming_nll(path, tokens, config)
+                nll, n_ev = streaming_nll(path, tokens, config, cache_type=args.cache_type)
                 runs.append((f"{policy} {budget} {positions}", nll))
                 print(f"{policy}, budget {budget}, {positions} positions: {n_ev} evictions, {time.time() - t1:.0f} s")
     rows = []

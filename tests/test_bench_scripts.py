@@ -36,9 +36,15 @@ def test_bench_long_context_prints_stock_and_eviction_rows(tiny_model):
 def test_bench_eviction_prints_every_part(tiny_model):
     out = _run(
         "bench_eviction.py", "--model", str(tiny_model), "--budget", "128", "--batch", "32",
-        "--gen-tokens", "64", "--repeats", "1", "--no-tiny",
+        "--gen-tokens", "64", "--repeats", "1", "--no-tiny", "--positions", "cache,original",
     )  # fmt: skip
-    for measure in ("norms off / on", "eviction time per event", "decode t/s at depth", "eviction per event, key-diff"):
+    for measure in (
+        "norms off / on",
+        "eviction time per event",
+        "decode t/s at depth",
+        "eviction per event, key-diff, cache positions",
+        "eviction per event, window, original positions",
+    ):
         assert measure in out, measure
 
 

@@ -60,6 +60,8 @@ def test_rerotated_keys_equal_numpy_rope_of_the_stock_keys(tiny_model_hd64, monk
     its V row must still be the stock bytes (V is never rotated)."""
     if graphs:
         monkeypatch.setenv("LLAMA_L2KV_FORCE_GRAPHS", "1")
+    # a quantized K cache renumbers at every eviction only when asked (it defaults to fewer, see below)
+    monkeypatch.setenv("LLAMA_L2KV_ROPE_STRICT", "1")
     n_batch, budget = 64, 128
     types = {"type_k": ggml_type_id(cache_type), "type_v": ggml_type_id(cache_type)}
     tokens = random_tokens(4 * 256, seed=3)
@@ -124,6 +126,39 @@ def test_positions_stay_bounded_and_memory_constant_over_a_100k_token_stream(tin
         assert st.n_evictions > n // n_batch // 2 and np.isfinite(logits_ith(llm)).all()
     finally:
         llm.close()
+
+
+@pytest.mark.parametrize("cache_type", ["q8_0", "q4_0"])
+def test_a_quantized_key_cache_renumbers_less_often_and_stays_below_its_limit(tiny_model_hd64, monkeypatch, cache_type):
+    """Re-rotating a quantized key requantizes it, so a quantized K cache lets positions grow to 4x the cache
+    (at most half the training context) before it renumbers: far fewer rows re-rotated than renumbering at every
+    eviction, positions still bounded, and right after a renumbering the ranks again."""
+    n_batch, budget, n = 64, 128, 6000
+    types = {"type_k": ggml_type_id(cache_type), "type_v": ggml_type_id(cache_type)}
+    tokens = random_tokens(n, seed=9)
+    limit = min(4 * (budget + n_batch), 4096 // 2)  # tiny models are trained for 4096 tokens
+
+    def run(strict: bool):
+        if strict:
+            monkeypatch.setenv("LLAMA_L2KV_ROPE_STRICT", "1")
+        else:
+            monkeypatch.delenv("LLAMA_L2KV_ROPE_STRICT", raising=False)
+        llm = make_llm(tiny_model_hd64, n_ctx=budget + n_batch, n_batch=n_batch, **types)
+        try:
+            cache.enable(llm.ctx, L2KVConfig(kv_budget=budget, n_sink=2, n_recent=4))
+            worst = 0
+            for s in range(0, n, n_batch):
+                decode(llm, tokens[s : s + n_batch], s)
+                worst = max(worst, cache.stats(llm.ctx).rope_pos_max + 1)
+            return cache.stats(llm.ctx), worst
+        finally:
+            llm.close()
+
+    lazy, lazy_worst = run(False)
+    strict, strict_worst = run(True)
+    assert strict_worst <= budget + n_batch < lazy_worst <= limit
+    assert lazy.n_evictions == strict.n_evictions > 50
+    assert 0 < lazy.n_rotated_rows < strict.n_rotated_rows / 3
 
 
 def test_original_positions_grow_with_the_text(tiny_model):

@@ -80,10 +80,12 @@ def _next_token_nll(m: L2KVModel, tokens: list[int], start: int, n: int, n_vocab
     return -lp[np.arange(len(nxt)), nxt]
 
 
-def streaming_nll(model_path: Path, tokens: list[int], l2kv: L2KVConfig, n_batch: int = 256) -> tuple[np.ndarray, int]:
+def streaming_nll(
+    model_path: Path, tokens: list[int], l2kv: L2KVConfig, n_batch: int = 256, cache_type: str = "f16"
+) -> tuple[np.ndarray, int]:
     """[n-1] NLL of every next token through an evicting context alone (no full-cache run beside it: at 64k
     tokens that one costs more than everything else), and the number of evictions."""
-    settings = ModelSettings(n_batch=n_batch, n_ubatch=n_batch)
+    settings = ModelSettings(n_batch=n_batch, n_ubatch=n_batch, cache_type_k=cache_type, cache_type_v=cache_type)
     out = []
     with L2KVModel(model_path, settings, l2kv) as m:
         n_vocab = _lib.llama_cpp().llama_vocab_n_tokens(m._vocab)

@@ -62,7 +62,9 @@ extern "C" {
         LLAMA_L2KV_POSITIONS_CACHE    = 1, // StreamingLLM's rule: each (layer, KV head) renumbers its kept keys 0..n-1 in
                                            // the order of their positions and re-rotates K; new tokens continue from n,
                                            // so RoPE positions stay below kv_budget + n_slack at any length (the
-                                           // positions callers pass, masks and recall keep the text's positions)
+                                           // positions callers pass, masks and recall keep the text's positions);
+                                           // a quantized K cache (whose re-rotation requantizes) renumbers only when
+                                           // positions would pass min(4 (kv_budget + n_slack), n_ctx_train / 2)
     };
 
     struct llama_l2kv_params {

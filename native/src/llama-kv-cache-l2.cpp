@@ -505,6 +505,7 @@ int32_t llama_kv_cache_l2::init() {
     rpos.assign(n_layer, {});
     pos_delta  = 0;
     rope_cache = params.positions == LLAMA_L2KV_POSITIONS_CACHE && can_rotate();
+    rope_limit = rope_limit_for();
 
     scorer = llama_l2kv_scorer_init(params.policy, params.seed);
     if (!scorer) {
@@ -928,6 +929,7 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
     if (used.size() <= n_keep && !pending_renumber) {
         return true;
     }
+    const bool pending_renumber_now = pending_renumber;
     pending_renumber = false;
 
     const uint32_t n_used  = used.size();
@@ -1123,8 +1125,13 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
     // 4. RoPE positions: with rope_cache the kept keys of every (layer, head) become 0..n_keep-1 in the order of
     //    their true positions and the next token n_keep; K rows whose rotation changes are re-rotated (none
     //    while keys keep their original positions, so that mode runs exactly what it ran before)
-    std::vector<std::vector<int32_t>> new_rpos = target_rope_positions(new_tpos, n_keep, n_threads(lctx));
-    const int32_t new_delta = rope_cache ? pos_last + 1 - (int32_t) n_keep : 0;
+    //    (a quantized K cache renumbers only when its positions would pass rope_limit before the next eviction:
+    //    each re-rotation requantizes; rows a recall put back are always renumbered)
+    const bool recalled = pending_renumber_now;
+    const bool renumber = !rope_cache || recalled ||
+            (int64_t) pos_last + 1 - pos_delta + n_slack > (int64_t) rope_limit;
+    std::vector<std::vector<int32_t>> new_rpos = renumber ? target_rope_positions(new_tpos, n_keep, n_threads(lctx)) : old_rpos;
+    const int32_t new_delta = !rope_cache ? 0 : renumber ? pos_last + 1 - (int32_t) n_keep : pos_delta;
     {
         std::vector<std::vector<int32_t>> delta(n_layer);
         uint64_t n_rot = 0;

@@ -157,6 +157,11 @@ struct llama_kv_cache_l2 {
 
     bool rope_cache = false; // LLAMA_L2KV_POSITIONS_CACHE in effect (asked for, and the model's keys can be shifted)
 
+    // an eviction renumbers the kept keys only when the RoPE positions could otherwise pass this before the next
+    // one: kv_budget + n_slack (every eviction) for an exact K cache; more for a quantized one, whose re-rotation
+    // requantizes (see rope_limit_for)
+    int32_t rope_limit = 0;
+
     // the sliding-window cache of an iSWA model (nullptr otherwise): its K rows follow pos_delta too, since
     // every layer's queries get the same positions
     llama_kv_cache * kv_swa = nullptr;
@@ -339,6 +344,9 @@ struct llama_kv_cache_l2 {
     // positions (llama-l2kv-positions.cpp): whether the model's keys can be re-rotated (as llama.cpp's
     // get_can_shift, before our own refusal); logs why not
     bool can_rotate() const;
+
+    // rope_limit for this cache's K type, budget, slack and training context
+    int32_t rope_limit_for() const;
 
     // the RoPE positions the kept entries of an eviction get: from the true positions new_tpos of cells
     // [0, n_keep) (layout of tpos), the ranks per (layer, head) with rope_cache, else the true positions

@@ -23,6 +23,7 @@
 #include "llama-model.h"
 
 #include <algorithm>
+#include <cstdlib>
 
 bool llama_kv_cache_l2::can_rotate() const {
     // llama_kv_cache::get_can_shift without the refusal that eviction itself adds (M-RoPE is refused by init)
@@ -32,6 +33,22 @@ bool llama_kv_cache_l2::can_rotate() const {
         return false;
     }
     return true;
+}
+
+int32_t llama_kv_cache_l2::rope_limit_for() const {
+    const int32_t strict = (int32_t) (params.kv_budget + n_slack);
+    const auto * k = kv.layers[0].k;
+    if (!ggml_is_quantized(k->type) || getenv("LLAMA_L2KV_ROPE_STRICT") != nullptr) {
+        return strict;
+    }
+    // a quantized key drifts by up to half a quantization step at each re-rotation (q4_0: an eighth of its
+    // block's largest value), so renumbering at every eviction would blur the keys that stay longest (the
+    // sinks, the facts a policy keeps). Gaps in positions are harmless inside the training context (the
+    // original positions have them all along): let positions grow to 4x the cache, at most half the training
+    // context, and renumber then
+    const int32_t n_train = (int32_t) kv.hparams.n_ctx_train;
+    const int32_t lazy    = n_train > 0 ? std::min(4*strict, n_train/2) : strict;
+    return std::max(strict, lazy);
 }
 
 std::vector<std::vector<int32_t>> llama_kv_cache_l2::target_rope_positions(
