@@ -60,8 +60,9 @@ class ModelInfo:
 
     def archive_bytes_per_token(self, cache_type: str) -> float:
         """Host memory the archive (--recall) takes per evicted token: K and V rows of every budgeted
-        (layer, KV head) in the cache type, plus its squared key norm and true position (4 bytes each)."""
-        return self.kv_bytes_per_token(cache_type) + 8 * sum(lay.n_head_kv for lay in self.full_layers)
+        (layer, KV head) in the cache type, plus its squared key norm, true position and RoPE position (4 bytes
+        each)."""
+        return self.kv_bytes_per_token(cache_type) + 12 * sum(lay.n_head_kv for lay in self.full_layers)
 
     def kv_bytes(self, cache_type: str, n_cells_full: int, n_cells_swa: int) -> float:
         """K/V bytes with n_cells_full cells in the full-attention layers and n_cells_swa in the window layers."""
@@ -135,9 +136,11 @@ def rope_positions_line(positions: Positions, n_ctx_train: int, max_cells: int) 
     """What `info` says about RoPE distances with eviction: bounded by the cache, or growing with the text."""
     if positions == Positions.CACHE:
         ok = "inside" if max_cells <= n_ctx_train else "PAST"
+        lazy = max(max_cells, min(4 * max_cells, n_ctx_train // 2))
         return (
             f"cache: kept keys renumbered after each eviction, positions < {max_cells} at any length "
-            f"({ok} the {n_ctx_train}-token training context)"
+            f"({ok} the {n_ctx_train}-token training context; a quantized K cache renumbers less often, "
+            f"positions < {lazy})"
         )
     return (
         f"original: keys keep their positions in the text, so past {n_ctx_train} tokens the model sees "

@@ -174,9 +174,12 @@ def test_info_on_tiny_model(tiny_model):
     assert "| f16          | 1.0 KiB" in res.stdout
     # the buffer with eviction holds kv_budget + slack cells: (1024 + 512) KiB, (1024 + 2048) KiB
     assert "| 1.5 MiB " in res.stdout and "+ batch 512 cells" in res.stdout
-    # the archive per evicted token: 1024 bytes of K/V + 8 KV heads x (norm + position) = 1088 bytes
+    # the archive per evicted token: 1024 bytes of K/V + 8 KV heads x (norm + true and RoPE position) = 1120 bytes
     f16 = next(line for line in res.stdout.splitlines() if line.startswith("| f16"))
     assert f16.rstrip("| ").endswith("1.1 KiB")
+    assert "RoPE positions cache: kept keys renumbered" in res.stdout and "positions < 1536 at any length" in res.stdout
+    res_orig = invoke("info", str(tiny_model), "--positions", "original")
+    assert res_orig.exit_code == 0 and "RoPE positions original: keys keep their positions" in res_orig.stdout
     res = invoke("info", str(tiny_model), "--kv-budget", "1024", "--kv-slack", "2048")
     assert res.exit_code == 0, res.output
     assert "| 3.0 MiB " in res.stdout and "+ slack 2048 cells" in res.stdout
