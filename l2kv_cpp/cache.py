@@ -126,27 +126,26 @@ def read_layer(ctx: Any, il: int) -> tuple[np.ndarray, np.ndarray]:
     return norms[:n].copy(), pos[:n].copy()
 
 
-def read_rope_positions(ctx: Any, il: int) -> np.ndarray:
-    """The RoPE position each K row of model layer il is rotated to, [cell, kv head]; empty cells read -1."""
+def _read_layer_array(ctx: Any, il: int, function: str, dtype: type) -> np.ndarray:
+    """One [cell, kv head] array of model layer il from a C reader `function(ctx, il, out, n_cells_max)`."""
     nat = native()
-    c, (out,) = _layer_buffers(ctx, il, (np.int32,))
+    c, (out,) = _layer_buffers(ctx, il, (dtype,))
+    c_type = "int32_t[]" if dtype == np.int32 else "float[]"
     n = _check(
-        nat.lib.llama_l2kv_read_rope_positions(c, il, nat.ffi.from_buffer("int32_t[]", out), out.shape[0]),
-        f"llama_l2kv_read_rope_positions(layer {il})",
+        getattr(nat.lib, function)(c, il, nat.ffi.from_buffer(c_type, out), out.shape[0]), f"{function}(layer {il})"
     )
     return out[:n].copy()
+
+
+def read_rope_positions(ctx: Any, il: int) -> np.ndarray:
+    """The RoPE position each K row of model layer il is rotated to, [cell, kv head]; empty cells read -1."""
+    return _read_layer_array(ctx, il, "llama_l2kv_read_rope_positions", np.int32)
 
 
 def read_key_cosines(ctx: Any, il: int) -> np.ndarray:
     """KeyDiff's feature of model layer il, [cell, kv head]: the cosine of every cached key with its head's
     normalised sum of unit keys, as the eviction computes it; empty cells read 0."""
-    nat = native()
-    c, (out,) = _layer_buffers(ctx, il, (np.float32,))
-    n = _check(
-        nat.lib.llama_l2kv_read_key_cosines(c, il, nat.ffi.from_buffer("float[]", out), out.shape[0]),
-        f"llama_l2kv_read_key_cosines(layer {il})",
-    )
-    return out[:n].copy()
+    return _read_layer_array(ctx, il, "llama_l2kv_read_key_cosines", np.float32)
 
 
 def read_kv(ctx: Any, il: int, kind: str, cell0: int, n_cells: int) -> np.ndarray:

@@ -7,13 +7,42 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import InvalidParamsError
 from .recall import RecallSettings
 
+_E = TypeVar("_E", bound="_CliEnum")
 
-class Policy(IntEnum):
+
+class _CliEnum(IntEnum):
+    """An enum of the C API that the command line and the evaluation records name in lower case, "-" for "_"."""
+
+    @property
+    def cli_name(self) -> str:
+        """The name used on the command line and in evaluation records, e.g. "keep-low-norm"."""
+        return self.name.lower().replace("_", "-")
+
+    @classmethod
+    def _aliases(cls) -> dict[str, str]:
+        """Other accepted names (upper case) -> member names."""
+        return {}
+
+    @classmethod
+    def parse(cls: type[_E], value: str | int | _E) -> _E:
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, int):
+            return cls(value)
+        name = value.strip().upper().replace("-", "_")
+        try:
+            return cls[cls._aliases().get(name, name)]
+        except KeyError:
+            choices = ", ".join(p.cli_name for p in cls)
+            raise InvalidParamsError(f"{cls.__name__.lower()} {value!r} is not one of: {choices}") from None
+
+
+class Policy(_CliEnum):
     """Which entries survive an eviction (enum llama_l2kv_policy)."""
 
     KEEP_LOW_NORM = 0  # the paper's rule: keep the lowest key norms
@@ -24,57 +53,26 @@ class Policy(IntEnum):
     HYBRID = 5  # rank fusion: lowest sum of the ranks by key norm and by key cosine
 
     @property
-    def cli_name(self) -> str:
-        """The name used on the command line and in evaluation records, e.g. "keep-low-norm"."""
-        return self.name.lower().replace("_", "-")
-
-    @property
     def default_skip_layers(self) -> tuple[int, ...]:
         """Layers kept by recency unless set: the paper's (0, 1) for its rule, its control and random; none else."""
         return (0, 1) if self in (Policy.KEEP_LOW_NORM, Policy.KEEP_HIGH_NORM, Policy.RANDOM) else ()
 
     @classmethod
-    def parse(cls, value: str | int | Policy) -> Policy:
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, int):
-            return cls(value)
-        name = value.strip().upper().replace("-", "_")
-        aliases = {
+    def _aliases(cls) -> dict[str, str]:
+        return {
             "L2": "KEEP_LOW_NORM",
             "LOW": "KEEP_LOW_NORM",
             "HIGH": "KEEP_HIGH_NORM",
             "STREAMING": "WINDOW",
             "KEYDIFF": "KEY_DIFF",
         }
-        try:
-            return cls[aliases.get(name, name)]
-        except KeyError:
-            choices = ", ".join(p.cli_name for p in cls)
-            raise InvalidParamsError(f"policy {value!r} is not one of: {choices}") from None
 
 
-class Positions(IntEnum):
+class Positions(_CliEnum):
     """The RoPE positions of the kept keys after an eviction (enum llama_l2kv_positions)."""
 
     ORIGINAL = 0  # each key keeps its position in the text: distances grow past the training context
     CACHE = 1  # StreamingLLM's rule: kept keys renumbered 0..n-1 per (layer, head) and re-rotated
-
-    @property
-    def cli_name(self) -> str:
-        return self.name.lower()
-
-    @classmethod
-    def parse(cls, value: str | int | Positions) -> Positions:
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, int):
-            return cls(value)
-        try:
-            return cls[value.strip().upper()]
-        except KeyError:
-            choices = ", ".join(p.cli_name for p in cls)
-            raise InvalidParamsError(f"positions {value!r} is not one of: {choices}") from None
 
 
 @dataclass(frozen=True)

@@ -230,26 +230,6 @@ void llama_l2kv_parallel_for(uint32_t n, int32_t n_threads, const std::function<
 }
 
 //
-// graph input: the row indices of one compaction
-//
-
-class llm_graph_input_l2_moves : public llm_graph_input_i {
-public:
-    void set_input(const llama_ubatch * ubatch) override {
-        GGML_UNUSED(ubatch);
-        for (const auto & [t, v] : src) {
-            ggml_backend_tensor_set(t, v.data(), 0, v.size()*sizeof(int32_t));
-        }
-        for (const auto & [t, v] : dst) {
-            ggml_backend_tensor_set(t, v.data(), 0, v.size()*sizeof(int64_t));
-        }
-    }
-
-    std::vector<std::pair<ggml_tensor *, std::vector<int32_t>>> src;
-    std::vector<std::pair<ggml_tensor *, std::vector<int64_t>>> dst;
-};
-
-//
 // update context: runs an eviction (or only resets the graphs) inside llama_context::memory_update
 //
 
@@ -1127,8 +1107,7 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
     //    while keys keep their original positions, so that mode runs exactly what it ran before)
     //    (a quantized K cache renumbers only when its positions would pass rope_limit before the next eviction:
     //    each re-rotation requantizes; rows a recall put back are always renumbered)
-    const bool recalled = pending_renumber_now;
-    const bool renumber = !rope_cache || recalled ||
+    const bool renumber = !rope_cache || pending_renumber_now ||
             (int64_t) pos_last + 1 - pos_delta + n_slack > (int64_t) rope_limit;
     std::vector<std::vector<int32_t>> new_rpos = renumber ? target_rope_positions(new_tpos, n_keep, n_threads(lctx)) : old_rpos;
     const int32_t new_delta = !rope_cache ? 0 : renumber ? pos_last + 1 - (int32_t) n_keep : pos_delta;
@@ -1138,15 +1117,15 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
         for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
             const size_t n = new_rpos[ikv].size();
             std::vector<int32_t> d(n);
-            bool any = false;
+            uint64_t n_layer_rot = 0;
             for (size_t i = 0; i < n; ++i) {
                 d[i] = new_rpos[ikv][i] - old_rpos[ikv][i];
-                any  = any || d[i] != 0;
-                n_rot += d[i] != 0;
+                n_layer_rot += d[i] != 0;
             }
-            if (any) {
+            if (n_layer_rot > 0) {
                 delta[ikv] = std::move(d);
             }
+            n_rot += n_layer_rot;
         }
         const int32_t swa_delta = pos_delta - new_delta;
         if (n_rot > 0 || (swa_delta != 0 && kv_swa != nullptr)) {

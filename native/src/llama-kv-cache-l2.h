@@ -29,6 +29,7 @@
 #include "llama-l2kv-scorer.h"
 
 #include "llama-batch.h"
+#include "llama-graph.h"
 #include "llama-memory.h"
 
 #include "ggml-backend.h"
@@ -119,6 +120,23 @@ void llama_l2kv_clear_error();
 
 // deterministic pseudo-random score of the RANDOM policy (splitmix64 of seed, layer, head, position)
 float llama_l2kv_random_score(uint64_t seed, int32_t il, int32_t head, int32_t pos);
+
+// graph input of our own graphs (compaction, key cosines, re-rotation): index tensors set from host vectors
+class llm_graph_input_l2_moves : public llm_graph_input_i {
+public:
+    void set_input(const llama_ubatch * ubatch) override {
+        GGML_UNUSED(ubatch);
+        for (const auto & [t, v] : src) {
+            ggml_backend_tensor_set(t, v.data(), 0, v.size()*sizeof(int32_t));
+        }
+        for (const auto & [t, v] : dst) {
+            ggml_backend_tensor_set(t, v.data(), 0, v.size()*sizeof(int64_t));
+        }
+    }
+
+    std::vector<std::pair<ggml_tensor *, std::vector<int32_t>>> src; // I32 inputs
+    std::vector<std::pair<ggml_tensor *, std::vector<int64_t>>> dst; // I64 inputs
+};
 
 struct llama_kv_cache_l2 {
     // tensors of our own with their ggml contexts and backend buffers (see alloc_layer_tensors)

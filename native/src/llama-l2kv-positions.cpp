@@ -79,13 +79,10 @@ std::vector<std::vector<int32_t>> llama_kv_cache_l2::target_rope_positions(
 // the re-rotation graph: llama.cpp's K-shift with one position delta per (cell, head) row
 //
 
-class llm_graph_input_l2_rope : public llm_graph_input_i {
+class llm_graph_input_l2_rope : public llm_graph_input_l2_moves {
 public:
     void set_input(const llama_ubatch * ubatch) override {
-        GGML_UNUSED(ubatch);
-        for (const auto & [t, v] : shift) {
-            ggml_backend_tensor_set(t, v.data(), 0, v.size()*sizeof(int32_t));
-        }
+        llm_graph_input_l2_moves::set_input(ubatch); // the positions deltas (src)
         for (const auto & [t, cache] : k_rot) {
             if (t != nullptr && t->buffer != nullptr) {
                 cache->set_input_k_rot(t);
@@ -93,7 +90,6 @@ public:
         }
     }
 
-    std::vector<std::pair<ggml_tensor *, std::vector<int32_t>>>    shift;
     std::vector<std::pair<ggml_tensor *, const llama_kv_cache *>> k_rot; // the Hadamard matrix of a rotated K cache
 };
 
@@ -105,7 +101,7 @@ bool llama_kv_cache_l2::rotate(llama_context * lctx, const std::vector<std::vect
     auto inp = std::make_unique<llm_graph_input_l2_rope>();
     const auto & cparams = lctx->get_cparams();
 
-    // K of one layer of `cache`, viewed as [n_rot, n_head, n_rows] from `cell0`, rotated by `shift` [n_rows]
+    // K of one layer of `cache`, viewed as [n_rot, n_head, n_rows] from its first cell, rotated by `shift` [n_rows]
     auto add_layer = [&](const llama_kv_cache & cache, const llama_kv_cache::kv_layer & layer, int64_t n_head,
             int64_t n_rows, std::vector<int32_t> shift, ggml_tensor * rot) {
         const uint32_t il = layer.il;
@@ -115,7 +111,7 @@ bool llama_kv_cache_l2::rotate(llama_context * lctx, const std::vector<std::vect
                 ggml_row_size(layer.k->type, d), ggml_row_size(layer.k->type, d*n_head), 0);
         ggml_tensor * pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_rows);
         ggml_set_input(pos);
-        inp->shift.emplace_back(pos, std::move(shift));
+        inp->src.emplace_back(pos, std::move(shift));
         ggml_tensor * factors    = cache.model.get_rope_factors(cparams, il);
         const float   freq_base  = cache.model.get_rope_freq_base(cparams, il);
         const float   freq_scale = cache.model.get_rope_freq_scale(cparams, il);

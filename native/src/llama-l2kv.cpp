@@ -310,33 +310,10 @@ int32_t llama_l2kv_n_head_kv(const struct llama_context * ctx, int32_t il) {
     return (int32_t) l2->n_head_kv(ikv);
 }
 
-int32_t llama_l2kv_read_rope_positions(struct llama_context * ctx, int32_t il, int32_t * pos, int32_t n_cells_max) {
-    llama_l2kv_clear_error();
-    if (ctx == nullptr || pos == nullptr || n_cells_max < 0) {
-        llama_l2kv_error("%s: ctx and pos must not be NULL, n_cells_max (%d) must be >= 0\n", __func__, n_cells_max);
-        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
-    }
-    const int32_t nh = llama_l2kv_n_head_kv(ctx, il);
-    if (nh < 0) {
-        return nh;
-    }
-    const llama_kv_cache_l2 * l2 = llama_l2kv_get_enabled(ctx, __func__);
-    const uint32_t ikv = l2->layer_ikv(il);
-    const auto & cells = l2->cells();
-    const uint32_t n = std::min<uint32_t>(cells.used_max_p1(), n_cells_max);
-    for (uint32_t c = 0; c < n; ++c) {
-        for (int32_t h = 0; h < nh; ++h) {
-            pos[(size_t) c*nh + h] = cells.is_empty(c) ? -1 : l2->rope_pos(ikv, c, h);
-        }
-    }
-    return (int32_t) n;
-}
-
-int32_t llama_l2kv_read_layer(struct llama_context * ctx, int32_t il, float * norms, int32_t * pos, int32_t n_cells_max) {
-    llama_l2kv_clear_error();
-    if (ctx == nullptr || n_cells_max < 0) {
-        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
-    }
+// llama_l2kv_read_layer and llama_l2kv_read_rope_positions: the norms and the true positions of model layer il, or
+// (rope) the RoPE positions its K rows are rotated to, [cell][kv head] for the cells written (returned)
+static int32_t llama_l2kv_read_cells(struct llama_context * ctx, int32_t il, float * norms, int32_t * pos,
+        int32_t n_cells_max, bool rope) {
     const int32_t nh = llama_l2kv_n_head_kv(ctx, il);
     if (nh < 0) {
         return nh;
@@ -358,11 +335,28 @@ int32_t llama_l2kv_read_layer(struct llama_context * ctx, int32_t il, float * no
                 norms[i] = empty ? 0.0f : std::sqrt(norms[i]);
             }
             if (pos != nullptr) {
-                pos[i] = empty ? -1 : l2->true_pos(ikv, c, h);
+                pos[i] = empty ? -1 : rope ? l2->rope_pos(ikv, c, h) : l2->true_pos(ikv, c, h);
             }
         }
     }
     return (int32_t) n;
+}
+
+int32_t llama_l2kv_read_rope_positions(struct llama_context * ctx, int32_t il, int32_t * pos, int32_t n_cells_max) {
+    llama_l2kv_clear_error();
+    if (ctx == nullptr || pos == nullptr || n_cells_max < 0) {
+        llama_l2kv_error("%s: ctx and pos must not be NULL, n_cells_max (%d) must be >= 0\n", __func__, n_cells_max);
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    return llama_l2kv_read_cells(ctx, il, nullptr, pos, n_cells_max, true);
+}
+
+int32_t llama_l2kv_read_layer(struct llama_context * ctx, int32_t il, float * norms, int32_t * pos, int32_t n_cells_max) {
+    llama_l2kv_clear_error();
+    if (ctx == nullptr || n_cells_max < 0) {
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    return llama_l2kv_read_cells(ctx, il, norms, pos, n_cells_max, false);
 }
 
 int32_t llama_l2kv_read_key_cosines(struct llama_context * ctx, int32_t il, float * cosines, int32_t n_cells_max) {
