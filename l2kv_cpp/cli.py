@@ -18,12 +18,14 @@ from . import __version__
 from .config import L2KVConfig, Policy, Positions
 from .errors import L2KVError
 from .sampling import SamplingSettings
+from .serve.settings import ServerSettings
 from .session import CACHE_TYPES, ModelSettings
 
 # defaults shown by --help come from the settings dataclasses (pinned to the C library by tests)
 L2KV_DEFAULTS = L2KVConfig()
 MODEL_DEFAULTS = ModelSettings()
 SAMPLING_DEFAULTS = SamplingSettings()
+SERVER_DEFAULTS = ServerSettings()
 
 
 def _errors_as_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -366,6 +368,85 @@ def run(
         session=session,
         **settings,
     )
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--host", default=SERVER_DEFAULTS.host, show_default=True, help="address to listen on")
+@click.option("--port", default=SERVER_DEFAULTS.port, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "-np",
+    "--parallel",
+    default=SERVER_DEFAULTS.n_slots,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="conversation slots, each its own bounded KV cache (the weights are loaded once)",
+)
+@click.option(
+    "--queue",
+    "queue_size",
+    default=SERVER_DEFAULTS.queue_size,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="requests that may wait for a slot (then 503 with Retry-After)",
+)
+@click.option(
+    "-n",
+    "--n-predict",
+    default=1024,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="max_tokens when a request gives none",
+)
+@click.option(
+    "--max-tokens-limit",
+    default=SERVER_DEFAULTS.max_tokens_limit,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="the largest max_tokens a request may ask for",
+)
+@click.option(
+    "--max-prompt-tokens",
+    default=SERVER_DEFAULTS.max_prompt_tokens,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="longer prompts get 413 (eviction streams any length in the budget; this bounds the work)",
+)
+@click.option("--alias", default=None, help="the model id the API lists [default: the GGUF file's name]")
+@_sampling_options
+@_eviction_options
+@_model_options
+@_errors_as_one_line
+def serve(
+    model: str | None,
+    host: str,
+    port: int,
+    parallel: int,
+    queue_size: int,
+    n_predict: int,
+    max_tokens_limit: int,
+    max_prompt_tokens: int,
+    alias: str | None,
+    **opts: Any,
+) -> None:
+    """OpenAI-compatible HTTP server for MODEL (/v1/chat/completions, /v1/completions, a chat page at /).
+
+    Every slot keeps one conversation in bounded KV memory; a request goes to the slot holding its earlier turns.
+    """
+    from . import runner
+    from .serve.server import serve as run_server
+
+    settings = runner.settings_from_options(opts)
+    server = ServerSettings(
+        host=host,
+        port=port,
+        n_slots=parallel,
+        queue_size=queue_size,
+        max_tokens_limit=max_tokens_limit,
+        max_prompt_tokens=max_prompt_tokens,
+        model_alias=alias,
+    )
+    run_server(model, server, settings["model_settings"], settings["l2kv"], settings["sampling"], n_predict)
 
 
 @main.command()

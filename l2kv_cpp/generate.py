@@ -54,7 +54,8 @@ def generate_step(
     if not prompt and model.n_past == 0:
         raise InvalidParamsError("the prompt is empty: nothing to continue from")
     model.feed(prompt, progress)
-    sampler = Sampler(sampling)
+    banned = model.eog_tokens() if sampling.ignore_eos else []
+    sampler = Sampler(sampling, banned, model.n_vocab)
     try:
         n = 0
         while max_tokens < 0 or n < max_tokens:

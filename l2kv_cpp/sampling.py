@@ -5,6 +5,8 @@ Temperature 0 is greedy. The chain is owned by `Sampler` and freed by `close()`.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,7 @@ class SamplingSettings:
     repeat_penalty: float = 1.0  # 1 = off
     repeat_last_n: int = 64  # tokens the penalty looks back at
     seed: int = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED = random
+    ignore_eos: bool = False  # never sample an end-of-generation token (fixed-length answers, for load tests)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -44,12 +47,16 @@ class SamplingSettings:
 class Sampler:
     """A llama.cpp sampler chain for one model; `sample(ctx)` picks from the last decode's logits."""
 
-    def __init__(self, settings: SamplingSettings):
+    def __init__(self, settings: SamplingSettings, banned: Sequence[int] = (), n_vocab: int = 0):
+        """banned: tokens never sampled (logit bias -inf; n_vocab needed then)."""
         lc = _lib.llama_cpp()
         self._lc = lc
         params = lc.llama_sampler_chain_default_params()
         self._chain = lc.llama_sampler_chain_init(params)
         add = lambda s: lc.llama_sampler_chain_add(self._chain, s)  # noqa: E731
+        if banned:
+            biases = (lc.llama_logit_bias * len(banned))(*[lc.llama_logit_bias(t, -math.inf) for t in banned])
+            add(lc.llama_sampler_init_logit_bias(n_vocab, len(banned), biases))
         if settings.repeat_penalty != 1.0:
             add(lc.llama_sampler_init_penalties(settings.repeat_last_n, settings.repeat_penalty, 0.0, 0.0))
         if settings.greedy:

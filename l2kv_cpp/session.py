@@ -80,12 +80,14 @@ class L2KVModel:
         model_path: str | os.PathLike[str],
         settings: ModelSettings = DEFAULT_MODEL_SETTINGS,
         l2kv: L2KVConfig | None = DEFAULT_L2KV,
+        share_weights_with: L2KVModel | None = None,
     ):
+        """share_weights_with: another L2KVModel of the same file and settings whose loaded weights this
+        one's context uses (a server's conversation slots load the model once); close this one first."""
         path = Path(model_path)
         self.info = check_gguf(path)
         native().set_log(settings.verbose)  # refuses a stock libllama before loading anything
         self.path, self.settings, self.l2kv = path, settings, l2kv
-        lc = _lib.llama_cpp()
         n_ctx = settings.n_ctx or self._auto_n_ctx()
         if l2kv is not None and n_ctx < l2kv.max_cells(settings.n_batch):
             slack = f"n_slack {l2kv.n_slack}" if l2kv.n_slack else f"n_batch {settings.n_batch}"
@@ -93,8 +95,29 @@ class L2KVModel:
                 f"-c/--ctx-size {n_ctx} is too small for kv_budget {l2kv.kv_budget} + {slack}; "
                 f"use -c {l2kv.max_cells(settings.n_batch)} or 0 (auto)"
             )
+        if share_weights_with is not None:
+            base = share_weights_with
+            if base.llm is None or base.path != path or base.settings != settings:
+                raise InvalidParamsError("share_weights_with needs an open model of the same file and settings")
+            self.llm = _SecondContext(base.llm, n_ctx)
+        else:
+            self.llm = self._load_model(path, n_ctx)
+        self.n_past = 0  # the next position
+        self._vocab = self.llm._model.vocab
+        self._eog: list[int] | None = None
+        if l2kv is not None:
+            try:
+                cache.enable(self.llm.ctx, l2kv)
+                if l2kv.recall.enabled:
+                    archive.enable(self.llm.ctx, on_disk=l2kv.recall.on_disk)  # evicted entries kept for recall
+            except Exception:
+                self.llm.close()
+                raise
+
+    def _load_model(self, path: Path, n_ctx: int) -> Any:
+        settings, lc = self.settings, _lib.llama_cpp()
         try:
-            self.llm = lc.Llama(
+            return lc.Llama(
                 model_path=str(path),
                 n_ctx=n_ctx,
                 n_batch=settings.n_batch,
@@ -109,16 +132,6 @@ class L2KVModel:
             )
         except ValueError as exc:
             raise ModelError(f"llama.cpp could not load {path} ({exc}); run with -v for its log") from None
-        self.n_past = 0  # the next position
-        self._vocab = self.llm._model.vocab
-        if l2kv is not None:
-            try:
-                cache.enable(self.llm.ctx, l2kv)
-                if l2kv.recall.enabled:
-                    archive.enable(self.llm.ctx, on_disk=l2kv.recall.on_disk)  # evicted entries kept for recall
-            except Exception:
-                self.llm.close()
-                raise
 
     def _auto_n_ctx(self) -> int:
         s, info = self.settings, self.info
@@ -169,6 +182,17 @@ class L2KVModel:
                 n = lc.llama_token_to_piece(self._vocab, int(t), buf, len(buf), 0, True)
             out.append(buf.raw[:n])
         return out
+
+    @property
+    def n_vocab(self) -> int:
+        return int(_lib.llama_cpp().llama_vocab_n_tokens(self._vocab))
+
+    def eog_tokens(self) -> list[int]:
+        """Every end-of-generation token of the vocabulary."""
+        if self._eog is None:
+            lc = _lib.llama_cpp()
+            self._eog = [t for t in range(self.n_vocab) if lc.llama_vocab_is_eog(self._vocab, t)]
+        return self._eog
 
     def is_eog(self, token: int) -> bool:
         return bool(_lib.llama_cpp().llama_vocab_is_eog(self._vocab, token))
@@ -267,6 +291,47 @@ class L2KVModel:
             "full_cache_mib": per_token * self.n_past / 2**20,
             "tokens_seen": float(self.n_past),
         }
+
+
+class _SecondContext:
+    """Another llama_context on the weights a `llama_cpp.Llama` loaded: the parts of Llama that L2KVModel and
+    the decode helpers use, with this context's `ctx`. close() frees the context only."""
+
+    def __init__(self, base: Any, n_ctx: int):
+        from llama_cpp._internals import LlamaContext
+
+        params = type(base.context_params).from_buffer_copy(base.context_params)
+        params.n_ctx = n_ctx
+        self._base = base
+        self._model = base._model
+        self.n_batch = base.n_batch
+        try:
+            self._ctx = LlamaContext(model=base._model, params=params, verbose=base.verbose)
+        except ValueError as exc:
+            raise ModelError(f"llama.cpp could not create another context on {base.model_path} ({exc})") from None
+
+    @property
+    def ctx(self) -> Any:
+        return self._ctx.ctx
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self._base.metadata
+
+    def tokenize(self, *args: Any, **kwargs: Any) -> list[int]:
+        return self._base.tokenize(*args, **kwargs)
+
+    def detokenize(self, *args: Any, **kwargs: Any) -> bytes:
+        return self._base.detokenize(*args, **kwargs)
+
+    def token_bos(self) -> int:
+        return self._base.token_bos()
+
+    def token_eos(self) -> int:
+        return self._base.token_eos()
+
+    def close(self) -> None:
+        self._ctx.close()
 
 
 def open_tokenizer(model_path: str | os.PathLike[str]) -> L2KVModel:

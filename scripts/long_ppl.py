@@ -4,12 +4,15 @@
     python scripts/long_ppl.py                                   # SmolLM2 (8k context), 16384 tokens
     python scripts/long_ppl.py --tokens 65536 --budgets 1024,4096 --positions cache,original
     python scripts/long_ppl.py --reference full                  # beside one full cache of the whole text
+    python scripts/long_ppl.py --recall off,lexical:128           # with and without recall (issue 18)
 
 The essays stream through evicting contexts (each budget, policy and RoPE positions mode; n_batch 256).
 The reference never leaves the training context: each bucket of --bucket tokens is scored in a fresh full
 cache that first reads the --ref-context tokens before it. With original positions a kept key keeps the
 rotation of its position in the text, so past the training context the distance from a new token to the
 oldest kept keys (the sinks) is one the model never saw; with cache positions they stay inside the cache.
+With --recall, every --recall-every tokens the archive is searched with the words of the text just read
+(a recall during a long answer; the tokens still to be scored are never used).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from l2kv_cpp.eval.niah import corpus_text
 from l2kv_cpp.eval.perplexity import run_perplexity, streaming_nll, text_tokens, windowed_reference_nll
 from l2kv_cpp.gguf_file import read_gguf
 from l2kv_cpp.models import resolve_model
+from l2kv_cpp.recall import RecallSettings
 from l2kv_cpp.session import open_tokenizer
 
 
@@ -76,6 +80,8 @@ def main() -> int:
     )
     ap.add_argument("--ref-context", type=int, default=4096, help="tokens before each bucket in the window reference")
     ap.add_argument("--cache-type", default="f16", help="K/V cache type of the evicting runs (the reference: f16)")
+    ap.add_argument("--recall", default="off", help="comma-separated recall settings (off, lexical:128, ...)")
+    ap.add_argument("--recall-every", type=int, default=512, help="tokens between recalls (a multiple of 256)")
     args = ap.parse_args()
     native().set_log(verbose=False)
 
@@ -99,11 +105,21 @@ def main() -> int:
     for policy in args.policies.split(","):
         for budget in _ints(args.budgets):
             for positions in args.positions.split(","):
-                t1 = time.time()
-                config = L2KVConfig(kv_budget=budget, n_sink=args.n_sink, policy=policy, positions=positions)
-                nll, n_ev = streaming_nll(path, tokens, config, cache_type=args.cache_type)
-                runs.append((f"{policy} {budget} {positions}", nll))
-                print(f"{policy}, budget {budget}, {positions} positions: {n_ev} evictions, {time.time() - t1:.0f} s")
+                for recall in args.recall.split(","):
+                    t1 = time.time()
+                    config = L2KVConfig(
+                        kv_budget=budget,
+                        n_sink=args.n_sink,
+                        policy=policy,
+                        positions=positions,
+                        recall=RecallSettings.parse(recall),
+                    )
+                    nll, n_ev = streaming_nll(
+                        path, tokens, config, cache_type=args.cache_type, recall_every=args.recall_every
+                    )
+                    name = f"{policy} {budget} {positions}" + (f" recall {recall}" if recall != "off" else "")
+                    runs.append((name, nll))
+                    print(f"{name}: {n_ev} evictions, {time.time() - t1:.0f} s", flush=True)
     rows = []
     worst = {name: 0.0 for name, _ in runs}
     for start in range(0, len(ref), args.bucket):

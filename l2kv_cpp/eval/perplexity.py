@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import _lib
+from .. import _lib, archive, cache
 from ..config import L2KVConfig
 from ..decode import decode
 from ..generate import log_softmax
+from ..recall import lexical_spans
 from ..session import L2KVModel, ModelSettings
 
 
@@ -81,20 +82,52 @@ def _next_token_nll(m: L2KVModel, tokens: list[int], start: int, n: int, n_vocab
 
 
 def streaming_nll(
-    model_path: Path, tokens: list[int], l2kv: L2KVConfig, n_batch: int = 256, cache_type: str = "f16"
+    model_path: Path,
+    tokens: list[int],
+    l2kv: L2KVConfig,
+    n_batch: int = 256,
+    cache_type: str = "f16",
+    recall_every: int = 0,
 ) -> tuple[np.ndarray, int]:
     """[n-1] NLL of every next token through an evicting context alone (no full-cache run beside it: at 64k
-    tokens that one costs more than everything else), and the number of evictions."""
+    tokens that one costs more than everything else), and the number of evictions.
+
+    With l2kv.recall on and recall_every > 0: every recall_every tokens (a multiple of n_batch) the archive
+    is searched with the words of the last recall_every tokens read, as a recall during a long answer
+    would (never with the tokens about to be scored: their words would leak into the prediction)."""
     settings = ModelSettings(n_batch=n_batch, n_ubatch=n_batch, cache_type_k=cache_type, cache_type_v=cache_type)
+    recalling = l2kv.recall.enabled and recall_every > 0
+    if recalling and recall_every % n_batch:
+        raise ValueError(f"recall_every ({recall_every}) must be a multiple of n_batch ({n_batch})")
     out = []
     with L2KVModel(model_path, settings, l2kv) as m:
         n_vocab = _lib.llama_cpp().llama_vocab_n_tokens(m._vocab)
+        pieces = m.token_pieces(tokens) if recalling else []
         for start in range(0, len(tokens), n_batch):
+            if recalling and start and start % recall_every == 0:
+                _recall_recent(m, pieces[:start], recall_every)
             chunk = tokens[start : start + n_batch]
             decode(m.llm, chunk, start, logits="all")
             out.append(_next_token_nll(m, tokens, start, len(chunk), n_vocab))
         n_ev = m.stats().n_evictions
     return np.concatenate(out), n_ev
+
+
+def _recall_recent(m: L2KVModel, history: list[bytes], n_query: int) -> None:
+    """Recall what the last n_query tokens of the history match (Conversation.recall's lexical search and
+    limit, with the words of text already read instead of a new user turn)."""
+    l2kv = m.l2kv
+    assert l2kv is not None
+    ctx = m.llm.ctx
+    if archive.stats(ctx).n_entries == 0:
+        return
+    counts, _ = archive.coverage(ctx, len(history))
+    n_max = max(0, min(l2kv.slack(m.settings.n_batch), l2kv.kv_budget - l2kv.n_sink - l2kv.n_recent))
+    spans = lexical_spans(history, history[-n_query:], counts, l2kv.recall, n_max)
+    if spans:
+        archive.recall(ctx, spans)
+        if not l2kv.recall.grow:
+            cache.evict_now(ctx)
 
 
 def windowed_reference_nll(
