@@ -355,6 +355,18 @@ class Conversation:
         """The tokens the cache holds once the user turn `text` is fed (the whole conversation so far)."""
         return self._turn_tokens(self._pieces(self._user_content(text))).tokens
 
+    def prefill_steps(self, text: str, progress: ProgressFn | None = None) -> Iterator[int]:
+        """Read the user turn `text` one batch at a time before ask(text), which then only reads its last
+        batch and answers: yields the cache's length after each batch, so that a caller can do other work
+        in between (the server's slots). Recall runs first, as in ask()."""
+        target = self.turn_tokens(text)
+        self._recall(text, target, progress)
+        n_batch = self.model.settings.n_batch
+        start = common_prefix_len(self.tokens[: self.model.n_past], target)
+        for end in range(start + n_batch, len(target), n_batch):
+            self._sync(target[:end], progress, need_logits=False)
+            yield end
+
     def ask(
         self, text: str, sampling: SamplingSettings, max_tokens: int = -1, progress: ProgressFn | None = None
     ) -> Iterator[GenerationResponse]:

@@ -103,6 +103,7 @@ class L2KVModel:
         else:
             self.llm = self._load_model(path, n_ctx)
         self.n_past = 0  # the next position
+        self.n_decoded = 0  # tokens decoded by feed() over the context's life (prompt work done, generation)
         self._vocab = self.llm._model.vocab
         self._eog: list[int] | None = None
         if l2kv is not None:
@@ -210,6 +211,7 @@ class L2KVModel:
             chunk = tokens[start : start + n_batch]
             decode(self.llm, chunk, self.n_past)
             self.n_past += len(chunk)
+            self.n_decoded += len(chunk)
             if progress:
                 progress(start + len(chunk), len(tokens))
 

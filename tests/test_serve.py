@@ -154,6 +154,10 @@ def test_a_continued_prompt_processes_only_its_new_tokens(tiny_server: Server) -
     assert cached >= first.usage.prompt_tokens  # the first prompt was not read again
     processed = tiny_server.metric("prompt_tokens_processed_total") - before
     assert processed == second.usage.prompt_tokens - cached
+    # the same from the slot's decode loop: tokens decoded for the second request, less those generated
+    decoded = second.model_extra["l2kv"]["tokens_decoded"] - first.model_extra["l2kv"]["tokens_decoded"]
+    assert second.model_extra["l2kv"]["slot"] == first.model_extra["l2kv"]["slot"]
+    assert decoded - second.usage.completion_tokens == processed
     assert processed <= len(" and then?") + first.usage.completion_tokens  # at most the text after the first prompt
 
 
@@ -289,6 +293,9 @@ def test_smollm2_chat_answers_as_llama_cpp_python_and_reuses_the_first_turn(smol
         cached = second.usage.prompt_tokens_details.cached_tokens
         assert cached >= first.usage.prompt_tokens, (cached, first.usage)
         assert second.usage.prompt_tokens - cached < 20  # "And Italy?" and the template around it
+        kv1, kv2 = first.model_extra["l2kv"], second.model_extra["l2kv"]
+        assert kv2["slot"] == kv1["slot"]  # (the streamed request between them started over on the other slot)
+        assert 0 < kv2["tokens_decoded"] - kv1["tokens_decoded"] - second.usage.completion_tokens < 20
     finally:
         out = server.stop()
     assert server.proc.returncode == 0, out

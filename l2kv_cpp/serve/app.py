@@ -109,7 +109,10 @@ def create_app(state: ServerState) -> FastAPI:
         def emit(ev: Event) -> None:  # (the worker thread)
             if isinstance(ev, Done):
                 state.metrics.answered(ev)  # here, not where the answer is sent: also counts a client gone
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, ev)
+            except RuntimeError:  # the event loop is closed (shutting down): nobody is listening
+                job.cancelled.set()
 
         job = Job(turn, emit=emit)
         if not state.scheduler.submit(job):

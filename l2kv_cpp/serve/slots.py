@@ -81,14 +81,16 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
-def kv_report(stats: L2KVStats | None, n_past: int, slot: int) -> dict[str, float]:
+def kv_report(stats: L2KVStats | None, model: L2KVModel, slot: int) -> dict[str, float]:
     """A slot's KV statistics as the API shows them (`l2kv` field, /slots, /metrics)."""
+    n_past = model.n_past
     if stats is None:
-        return {"slot": slot, "tokens_seen": n_past}
+        return {"slot": slot, "tokens_seen": n_past, "tokens_decoded": model.n_decoded}
     per_cell = stats.kv_bytes / stats.kv_size if stats.kv_size else 0.0
     return {
         "slot": slot,
         "tokens_seen": n_past,
+        "tokens_decoded": model.n_decoded,  # over the slot's life: prompt tokens read + tokens generated
         "cells": stats.n_cells_used,
         "kv_budget": stats.kv_budget,
         "kv_size": stats.kv_size,
@@ -113,7 +115,7 @@ class Slot:
         self.last_used = 0.0
         self.busy = False
         self.n_requests = 0
-        self.kv: dict[str, float] = kv_report(None, 0, index)  # written by the worker only
+        self.kv: dict[str, float] = kv_report(None, model, index)  # written by the worker only
 
     def match(self, req: TurnRequest) -> int:
         """How much of the request this slot already holds (messages or characters; 0 = nothing)."""
@@ -160,16 +162,24 @@ class Slot:
             return
         job.emit(Started(len(target)))
         yield
+        n_cached = common_prefix_len(conv.tokens[: self.model.n_past], target)
+        n_reevaluations = conv.n_reevaluations
+        for _ in conv.prefill_steps(text):  # one batch per step: a long prompt does not stall the other slots
+            self.kv = kv_report(self.model.stats() if self.model.l2kv else None, self.model, self.index)
+            if job.cancelled.is_set():
+                job.emit(Done("cancelled", len(target), n_cached, 0, dict(self.kv)))
+                return
+            yield
         stopper = StopMatcher(req.stops)
         parts: list[str] = []
-        finish, n_fed, n_gen = "length", 0, 0
+        finish, n_gen = "length", 0
         stream = conv.ask(text, req.sampling, req.max_tokens)
         try:
             for resp in stream:
-                if n_gen == 0:
-                    n_fed = resp.n_prompt_tokens
+                if conv.n_reevaluations != n_reevaluations:
+                    n_cached = 0  # the cache could not go back to where the prompt differs: all of it was read
                 n_gen = resp.n_generated_tokens
-                self.kv = kv_report(resp.stats, self.model.n_past, self.index)
+                self.kv = kv_report(resp.stats, self.model, self.index)
                 out, hit = stopper.feed(resp.text)
                 if out:
                     parts.append(out)
@@ -197,8 +207,8 @@ class Slot:
         self.history = (*req.messages, ("assistant", answer)) if req.chat else ()
         self.text = "" if req.chat else req.prompt + answer
         self.n_requests += 1
-        self.kv = kv_report(self.model.stats() if self.model.l2kv else None, self.model.n_past, self.index)
-        job.emit(Done(finish, len(target), len(target) - n_fed, n_gen, dict(self.kv)))
+        self.kv = kv_report(self.model.stats() if self.model.l2kv else None, self.model, self.index)
+        job.emit(Done(finish, len(target), n_cached, n_gen, dict(self.kv)))
 
     def drop(self) -> None:
         """Forget the conversation (after an error, so that a broken state is never reused)."""
