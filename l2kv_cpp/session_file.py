@@ -3,13 +3,17 @@
 The file holds a small JSON header (which model, the conversation: its messages, the tokens the
 cache holds and the tokens sampled for each answer) followed by the context's llama.cpp state,
 which with eviction carries the evicted cache, its key norms and true positions (see
-docs/design.md). Writes go to a temporary file renamed into place, so an interrupted save never
-destroys the previous session.
+docs/design.md). A SHA-256 of everything after the fixed header is checked before anything is
+loaded, so a damaged file is refused instead of resuming a damaged cache. Writes go to a
+temporary file, fsynced, then renamed into place, so an interrupted or failed save (Ctrl-C, a
+full disk) never destroys the previous session.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import struct
 from pathlib import Path
@@ -18,8 +22,13 @@ from .chat import Conversation
 from .errors import InvalidParamsError
 
 MAGIC = b"L2KVSESS"
-VERSION = 2  # 2: the conversation as tokens (version 1 held text, whose re-tokenization differs)
+# 3: a checksum of the payload; 2: the conversation as tokens (version 1 held text, whose
+# re-tokenization differs)
+VERSION = 3
 _HEADER = struct.Struct("<8sII")  # magic, version, JSON length
+_DIGEST = 32  # version 3: SHA-256 of the JSON and the state, right after the header
+
+log = logging.getLogger(__name__)
 
 
 def _model_identity(conv: Conversation) -> dict[str, object]:
@@ -46,18 +55,44 @@ def save_session(conv: Conversation, path: str | os.PathLike[str]) -> int:
             },
         }
     ).encode()
+    digest = hashlib.sha256(header)
+    digest.update(state)
     target = Path(path)
     tmp = target.with_name(target.name + ".part")
+    done = False
     try:
         with open(tmp, "wb") as f:
             f.write(_HEADER.pack(MAGIC, VERSION, len(header)))
+            f.write(digest.digest())
             f.write(header)
             f.write(state)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it replaces the previous file
         os.replace(tmp, target)
+        done = True
+        _fsync_dir(target.parent)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise InvalidParamsError(f"--session: cannot write {target}: {exc.strerror}") from None
-    return _HEADER.size + len(header) + len(state)
+        raise InvalidParamsError(
+            f"--session: cannot write {target} ({exc.strerror or exc}); the previous file is unchanged"
+        ) from None
+    finally:
+        if not done:  # an error, Ctrl-C or SIGTERM while writing: drop the partial file
+            tmp.unlink(missing_ok=True)
+    return _HEADER.size + _DIGEST + len(header) + len(state)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable (where the platform allows opening a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_session(conv: Conversation, path: str | os.PathLike[str]) -> None:
@@ -77,10 +112,20 @@ def load_session(conv: Conversation, path: str | os.PathLike[str]) -> None:
             f"--session: {source} was saved by an older l2kv-cpp (session version 1, the conversation as text, "
             "which this version no longer trusts); start a new session under another name"
         )
-    if version != VERSION:
+    if version not in (2, VERSION):
         raise InvalidParamsError(f"--session: {source} has version {version}; this l2kv-cpp reads version {VERSION}")
+    start = _HEADER.size
+    if version == VERSION:
+        start += _DIGEST
+        if len(data) < start or hashlib.sha256(data[start:]).digest() != data[_HEADER.size : start]:
+            raise InvalidParamsError(
+                f"--session: {source} is damaged (its checksum does not match: truncated or changed); nothing was "
+                "loaded and the file is kept"
+            )
+    else:
+        log.warning("%s was saved without a checksum (session version 2): it is loaded unchecked", source)
     try:
-        header = json.loads(data[_HEADER.size : _HEADER.size + n_json])
+        header = json.loads(data[start : start + n_json])
         saved_model = dict(header["model"])
         n_past = int(header["n_past"])
         saved = header["conversation"]
@@ -103,7 +148,7 @@ def load_session(conv: Conversation, path: str | os.PathLike[str]) -> None:
 
     model = conv.model
     try:
-        model.load_state_data(data[_HEADER.size + n_json :])
+        model.load_state_data(data[start + n_json :])
     except InvalidParamsError as exc:
         model.reset()
         raise InvalidParamsError(

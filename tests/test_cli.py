@@ -283,7 +283,7 @@ def test_session_errors_are_one_line_and_keep_the_file(tiny_model, tmp_path):
     assert invoke("run", str(other), "-p", "abc", "-n", "2", "--session", str(session), *TINY_RUN).exit_code == 0
     # damaged files: a truncated state, an unreadable header
     good = session.read_bytes()
-    for damaged, message in [(good[:-100], "does not fit this context"), (good[:16] + b"{" * 40, "damaged")]:
+    for damaged, message in [(good[:-100], "checksum does not match"), (good[:16] + b"{" * 40, "damaged")]:
         session.write_bytes(damaged)
         res = invoke("run", str(other), "-p", "abc", "--session", str(session), *TINY_RUN)
         assert res.exit_code == 1 and message in res.output and len(res.output.strip().splitlines()) == 1
@@ -297,6 +297,77 @@ def test_session_errors_are_one_line_and_keep_the_file(tiny_model, tmp_path):
     assert res.exit_code == 1 and "saved by an older l2kv-cpp" in res.output
     assert len(res.output.strip().splitlines()) == 1
     assert session.read_bytes() == v1
+
+
+def _saved_session(tiny_model, tmp_path):
+    session = tmp_path / "s.session"
+    res = invoke("run", str(tiny_model), "-p", "abc " * 30, "-n", "20", "--session", str(session), *TINY_RUN)
+    assert res.exit_code == 0, res.output
+    return session
+
+
+def test_every_damaged_session_is_refused_in_one_line_and_kept(tiny_model, tmp_path):
+    """Truncations, bit flips in the fixed header, the checksum, the JSON and the state, and runs of zero
+    bytes inside the saved K/V (which version 2 loaded without a word): each is refused before anything is
+    loaded, and the file is left as it was."""
+    import random
+
+    good = _saved_session(tiny_model, tmp_path).read_bytes()
+    n_json = int.from_bytes(good[12:16], "little")
+    body = 16 + 32 + n_json  # where the llama.cpp state starts
+    rng = random.Random(0)
+    damaged = [good[:n] for n in (10, 16, 40, body - 1, body + 10, len(good) - 1)]
+    for lo, hi in [(0, 16), (16, 48), (48, body), (body, len(good))]:  # header, checksum, JSON, state
+        for _ in range(5):
+            i = rng.randrange(lo, hi)
+            damaged.append(good[:i] + bytes([good[i] ^ (1 << rng.randrange(8))]) + good[i + 1 :])
+    for _ in range(4):
+        i = rng.randrange(body, len(good) - 64)
+        damaged.append(good[:i] + bytes(64) + good[i + 64 :])
+    session = tmp_path / "d.session"
+    for i, data in enumerate(damaged):
+        if data == good:
+            continue  # a zero run over zero bytes changes nothing
+        session.write_bytes(data)
+        res = invoke("run", str(tiny_model), "-p", "xyz", "-n", "4", "--session", str(session), *TINY_RUN)
+        assert res.exit_code == 1, (i, res.output)
+        assert len(res.output.strip().splitlines()) == 1, (i, res.output)
+        assert session.read_bytes() == data, i
+
+
+def test_a_failed_session_save_keeps_the_previous_file(tiny_model, tmp_path, monkeypatch):
+    """A full disk (a file size limit in a child process) and a Ctrl-C in the middle of the write: the
+    previous file stays as it was, no partial file is left, and the error says why."""
+    import subprocess
+    import sys
+
+    session = _saved_session(tiny_model, tmp_path)
+    before = session.read_bytes()
+    child = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) // 2}, {len(before) // 2}))\n"
+        "from l2kv_cpp.cli import main\n"
+        f"sys.argv = ['l2kv-cpp', 'run', {str(tiny_model)!r}, '-p', 'more ' * 40, '-n', '20', '--session', "
+        f"{str(session)!r}, *{list(TINY_RUN)!r}]\n"
+        "main()\n"
+    )
+    res = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr
+    assert "cannot write" in res.stderr and "previous file is unchanged" in res.stderr
+    assert session.read_bytes() == before
+    assert not list(tmp_path.glob("*.part"))
+
+    from l2kv_cpp import session_file
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(session_file.os, "fsync", interrupted)
+    res = invoke("run", str(tiny_model), "-p", "more", "-n", "4", "--session", str(session), *TINY_RUN)
+    assert res.exit_code != 0
+    assert session.read_bytes() == before
+    assert not list(tmp_path.glob("*.part"))
 
 
 def test_ctrl_c_inside_a_ctypes_callback_is_not_lost():
