@@ -18,6 +18,7 @@ With --recall, every --recall-every tokens the archive is searched with the word
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 
@@ -33,6 +34,7 @@ from l2kv_cpp.gguf_file import read_gguf
 from l2kv_cpp.models import resolve_model
 from l2kv_cpp.recall import RecallSettings
 from l2kv_cpp.session import open_tokenizer
+from l2kv_cpp.upstream import cache_dir, sha256_file
 
 
 def _reference_rows(args, path, tokens) -> None:
@@ -56,6 +58,23 @@ def _reference_rows(args, path, tokens) -> None:
                 print(f"\npolicy {policy}, budget {budget}, {positions} positions, {r.n_evictions} evictions")
                 headers = ["positions", "ppl full cache", "ppl evicting", "KL(full || evicting)"]
                 print(tabulate(rows, headers=headers, tablefmt="github"))
+
+
+def _reference(args, path, tokens: list[int]) -> np.ndarray:
+    """The window reference's NLL, kept in the cache folder (it depends only on the model, the tokens, the
+    bucket and the context before each bucket, and at 64k tokens it takes longer than the runs it scores)."""
+    key = hashlib.sha256(
+        f"{sha256_file(path)}|{args.bucket}|{args.ref_context}|".encode() + np.asarray(tokens, np.int32).tobytes()
+    ).hexdigest()[:16]
+    cached = cache_dir() / "long_ppl" / f"reference-{key}.npy"
+    if cached.is_file():
+        print(f"reference from {cached}", flush=True)
+        return np.load(cached)
+    ref = windowed_reference_nll(path, tokens, args.bucket, args.ref_context)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cached.with_suffix(".part.npy"), ref)
+    cached.with_suffix(".part.npy").rename(cached)
+    return ref
 
 
 def _ints(text: str) -> list[int]:
@@ -99,7 +118,7 @@ def main() -> int:
         print(f"done in {time.time() - t0:.0f} s")
         return 0
 
-    ref = windowed_reference_nll(path, tokens, args.bucket, args.ref_context)
+    ref = _reference(args, path, tokens)
     print(f"reference: {time.time() - t0:.0f} s", flush=True)
     runs: list[tuple[str, np.ndarray]] = []
     for policy in args.policies.split(","):
