@@ -229,6 +229,48 @@ def test_ignore_eos_gives_answers_of_exactly_max_tokens(tiny_server: Server) -> 
     assert r["usage"]["completion_tokens"] == n and r["choices"][0]["finish_reason"] == "length"
 
 
+def test_the_server_keeps_serving_through_killed_clients_and_bad_requests_under_load(tiny_server: Server) -> None:
+    """12 clients at once: 4 stream and hang up after a few tokens, 4 send malformed bodies, 4 ask properly;
+    the proper ones get the answers they get alone, and the server is idle and healthy afterwards."""
+    alone = {i: _complete(tiny_server, PROMPTS[i], 16) for i in (8, 9, 10, 11)}
+    got: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def proper(i: int) -> None:
+        got[i] = _complete(tiny_server, PROMPTS[i], 16)
+
+    def hang_up(i: int) -> None:
+        body = {"prompt": PROMPTS[i], "max_tokens": 30000, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", tiny_server.url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            for _ in range(3):
+                next(lines)
+
+    def malformed(i: int) -> None:
+        r = httpx.post(tiny_server.url + "/v1/completions", content=b'{"prompt": "x", "max_tokens": [', timeout=60)
+        assert r.status_code == 400
+
+    def run(fn, i: int) -> None:
+        try:
+            fn(i)
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    jobs = [(hang_up, i) for i in range(4)] + [(malformed, i) for i in range(4)] + [(proper, i) for i in alone]
+    threads = [threading.Thread(target=run, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert got == alone
+    deadline = time.monotonic() + 30
+    while tiny_server.metric("slots_busy") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert tiny_server.metric("slots_busy") == 0 and tiny_server.metric("queue_length") == 0
+    assert httpx.get(tiny_server.url + "/health", timeout=10).json()["status"] == "ok"
+
+
 def test_metrics_and_models(tiny_server: Server) -> None:
     models = tiny_server.client().models.list()
     assert [m.id for m in models.data] == ["tiny"]
