@@ -249,6 +249,10 @@ class L2KVModel:
         p = Path(path)
         if not p.is_file():
             raise InvalidParamsError(f"state file {p} does not exist or is not a file")
+        with open(p, "rb") as f:
+            head = f.read(12 + 4 + 64)  # llama.cpp's file header (magic, version, token count), then the state
+        if int.from_bytes(head[8:12], "little") == 0:  # (with tokens llama.cpp refuses it: capacity 0)
+            self._check_state_start(head[12:], f"the state {p}")
         lc = _lib.llama_cpp()
         n_tokens = ctypes.c_size_t(0)
         self._load(
@@ -269,9 +273,18 @@ class L2KVModel:
 
     def load_state_data(self, data: bytes) -> None:
         """Restore a state returned by state_data; errors as load_state."""
+        self._check_state_start(data, "the state")
         lc = _lib.llama_cpp()
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
         self._load(lambda: lc.llama_state_set_data(self.llm.ctx, buf, len(data)) == len(data), "the state")
+
+    def _check_state_start(self, data: bytes, what: str) -> None:
+        """A state starts with the model's architecture name (u32 length, bytes). llama.cpp allocates that
+        length before it checks the data holds it, so a damaged length asks for up to 4 GiB (found by
+        fuzz/fuzz_state.py): check it here first."""
+        arch = self.info.architecture.encode()
+        if int.from_bytes(data[:4], "little") != len(arch) or data[4 : 4 + len(arch)] != arch:
+            raise InvalidParamsError(f"cannot load {what}: not a state of this {arch.decode()} model (damaged?)")
 
     def _load(self, load: Callable[[], bool], what: str) -> None:
         """Run a state restore; n_past follows the restored cache; on failure raise with the library's reason."""

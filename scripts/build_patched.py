@@ -56,6 +56,7 @@ class BuildOptions:
     cuda_arch: str = "native"  # CMAKE_CUDA_ARCHITECTURES, e.g. "90" for H100
     extra_cmake_args: tuple[str, ...] = ()  # appended verbatim, e.g. -DGGML_NATIVE=OFF
     jobs: int = field(default_factory=lambda: os.cpu_count() or 2)
+    sanitize: bool = False  # AddressSanitizer + UndefinedBehaviorSanitizer (scripts/sanitize_tests.sh)
 
 
 def log(msg: str) -> None:
@@ -131,6 +132,8 @@ def cmake_args(opts: BuildOptions, pin: UpstreamPin, src_hash: str) -> list[str]
     ]
     if opts.cuda:
         args += ["-DGGML_CUDA=on", f"-DCMAKE_CUDA_ARCHITECTURES={opts.cuda_arch}"]
+    if opts.sanitize:  # llama.cpp's own switches: -fsanitize=... for libllama and ggml
+        args += ["-DLLAMA_SANITIZE_ADDRESS=ON", "-DLLAMA_SANITIZE_UNDEFINED=ON", "-DCMAKE_BUILD_TYPE=RelWithDebInfo"]
     return args + list(opts.extra_cmake_args)
 
 
@@ -141,6 +144,8 @@ def flags_key(opts: BuildOptions) -> str:
     if cpuinfo.is_file():  # GGML_NATIVE builds for this CPU: never reuse a build on another one
         cpu = next((ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")), "")
     parts = [platform.system(), platform.machine(), cpu, str(opts.cuda), opts.cuda_arch, *opts.extra_cmake_args]
+    if opts.sanitize:
+        parts.append("sanitize")  # its own build folder and wheel (a plain build is never replaced by it)
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
 
@@ -333,9 +338,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rebuild", action="store_true", help="ignore the cached wheel")
     parser.add_argument("--no-install", action="store_true", help="build (or find) the wheel only")
     parser.add_argument("--print-wheel", action="store_true", help="print the wheel path on stdout")
+    parser.add_argument(
+        "--sanitize",
+        action="store_true",
+        help="AddressSanitizer + UBSan build (its own cache key), for its own venv: scripts/sanitize_tests.sh",
+    )
     args = parser.parse_args(argv)
     opts = BuildOptions(
-        cuda=args.cuda, cuda_arch=args.cuda_arch, extra_cmake_args=tuple(args.cmake_arg), jobs=args.jobs
+        cuda=args.cuda,
+        cuda_arch=args.cuda_arch,
+        extra_cmake_args=tuple(args.cmake_arg),
+        jobs=args.jobs,
+        sanitize=args.sanitize,
     )
     try:
         wheel = build(opts, rebuild=args.rebuild, install=not args.no_install)

@@ -1383,6 +1383,13 @@ void llama_kv_cache_l2::state_read(llama_io_read_i & io) {
             io.read(&on, sizeof(on));
         }
         if (on) {
+            // an archive holds each evicted position at most once per (layer, group), all before the newest
+            // restored one: a larger count is damage (sized before it is read, it could ask for any memory)
+            llama_pos pos_max_in = -1;
+            for (uint32_t i = 0; i < n_used_in; ++i) {
+                pos_max_in = std::max(pos_max_in, cells().pos_get(i));
+            }
+            const uint64_t n_archived_max = (uint64_t) std::max<llama_pos>(pos_max_in + 1, 0);
             if (!archive_on && !archive_start(false)) { // the state had one: keep it (and go on archiving)
                 throw std::runtime_error("cannot start the archive of evicted entries");
             }
@@ -1406,6 +1413,11 @@ void llama_kv_cache_l2::state_read(llama_io_read_i & io) {
                 for (uint32_t g = 0; g < n_group(ikv); ++g) {
                     uint32_t n = 0;
                     io.read(&n, sizeof(n));
+                    if (n > n_archived_max) {
+                        throw std::runtime_error(format("layer %d: the state archives %u entries of a group, more than "
+                                "the %llu positions seen (damaged)", layer_il(ikv), n,
+                                (unsigned long long) n_archived_max));
+                    }
                     auto & [pos, rot, rows] = archive_in[ikv][g];
                     pos.resize(n);
                     rows.resize((size_t) n*row);
