@@ -138,7 +138,10 @@ def main() -> int:
                     )
                     name = f"{policy} {budget} {positions}" + (f" recall {recall}" if recall != "off" else "")
                     runs.append((name, nll))
-                    print(f"{name}: {n_ev} evictions, {time.time() - t1:.0f} s", flush=True)
+                    label = f"{policy}, budget {budget}, {positions} positions" + (
+                        f", recall {recall}" if recall != "off" else ""
+                    )
+                    print(f"{label}: {n_ev} evictions, {time.time() - t1:.0f} s", flush=True)
     rows = []
     worst = {name: 0.0 for name, _ in runs}
     for start in range(0, len(ref), args.bucket):
