@@ -1346,6 +1346,26 @@ void llama_kv_cache_l2::state_read(llama_io_read_i & io) {
                     n_used_in, n_comp_in, cells().get_used()));
         }
 
+        // the cells' positions, as an eviction leaves them: the compacted cells [0, n_comp) at consecutive
+        // virtual positions that end at p_comp_max, every later cell at a position >= 0 that RoPE (position minus
+        // pos_delta) sees at >= 0. A damaged state that breaks these would abort the next eviction
+        const auto & cells_in = cells();
+        if (n_comp_in == 0 ? p_comp_in < -1 : p_comp_in != cells_in.pos_get(n_comp_in - 1)) {
+            throw std::runtime_error(format("the state's last compacted position %d does not match its cells (damaged)",
+                    p_comp_in));
+        }
+        if (pos_delta_in < 0 || (int64_t) pos_delta_in > (int64_t) p_comp_in + 1) {
+            throw std::runtime_error(format("the state's RoPE offset %d is out of range (damaged)", pos_delta_in));
+        }
+        for (uint32_t i = 0; i < n_used_in; ++i) {
+            const llama_pos p = cells_in.pos_get(i);
+            const bool ok = i < n_comp_in ? p == p_comp_in - (llama_pos) (n_comp_in - 1 - i)
+                                          : p >= 0 && p >= pos_delta_in;
+            if (!ok) {
+                throw std::runtime_error(format("the state's cell %u has position %d (damaged)", i, p));
+            }
+        }
+
         std::vector<std::vector<int32_t>> tpos_in(n_layer);
         std::vector<std::vector<int32_t>> rpos_in(n_layer);
         for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
@@ -1363,6 +1383,16 @@ void llama_kv_cache_l2::state_read(llama_io_read_i & io) {
                     io.read(rpos_in[ikv].data(), rpos_in[ikv].size()*sizeof(int32_t));
                 } else {
                     rpos_in[ikv] = tpos_in[ikv];
+                }
+            }
+            // a compacted entry's true position is one the cache saw before it was compacted; its RoPE position
+            // never exceeds it (renumbering only closes gaps)
+            for (size_t i = 0; i < tpos_in[ikv].size(); ++i) {
+                const int32_t t = tpos_in[ikv][i];
+                const int32_t r = rpos_in[ikv][i];
+                if (t < 0 || t > p_comp_in || r < 0 || r > t) {
+                    throw std::runtime_error(format("layer %d: a compacted entry has position %d, RoPE position %d, "
+                            "outside [0, %d] (damaged)", layer_il(ikv), t, r, p_comp_in));
                 }
             }
             if (n_used_in > 0) {
@@ -1398,6 +1428,11 @@ void llama_kv_cache_l2::state_read(llama_io_read_i & io) {
             for (uint32_t i = 0; i < n_pinned; ++i) {
                 int32_t s[2];
                 io.read(s, sizeof(s));
+                // llama_l2kv_recall pins sorted, merged, non-empty spans (the lookup is a binary search)
+                if (s[0] < 0 || s[1] <= s[0] || (!pinned_in.empty() && s[0] <= pinned_in.back().second)) {
+                    throw std::runtime_error(format("the state's pinned span [%d, %d) is empty, negative or out of "
+                            "order (damaged)", s[0], s[1]));
+                }
                 pinned_in.emplace_back(s[0], s[1]);
             }
             archive_in.resize(n_layer);
@@ -1427,6 +1462,13 @@ void llama_kv_cache_l2::state_read(llama_io_read_i & io) {
                         io.read(rot.data(), rot.size()*sizeof(int32_t));
                     } else {
                         rot = pos;
+                    }
+                    for (uint32_t i = 0; i < n; ++i) {
+                        if (pos[i] < 0 || pos[i] > pos_max_in || rot[i] < 0 || rot[i] > pos[i]) {
+                            throw std::runtime_error(format("layer %d: an archived entry has position %d, RoPE "
+                                    "position %d, outside [0, %d] (damaged)", layer_il(ikv), pos[i], rot[i],
+                                    pos_max_in));
+                        }
                     }
                     io.read(rows.data(), rows.size());
                 }
