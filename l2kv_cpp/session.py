@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _lib, archive, cache
+from . import _lib, archive, cache, checked_file
 from ._ffi import native
 from .config import L2KVConfig
 from .decode import decode, logits_ith
@@ -238,17 +239,25 @@ class L2KVModel:
     # state
 
     def save_state(self, path: str | os.PathLike[str]) -> None:
-        """Write the context to a file: the KV cache and, with eviction, its key norms and true positions."""
-        lc = _lib.llama_cpp()
-        if not lc.llama_state_save_file(self.llm.ctx, os.fsencode(path), None, 0):
-            raise InvalidParamsError(f"cannot save the state to {path} (run with -v for llama.cpp's log)")
+        """Write the context to a file: the KV cache and, with eviction, its key norms and true positions.
+        The file carries a SHA-256 of the state, checked by load_state; the write is atomic (an interrupted or
+        failed save leaves the previous file as it was)."""
+        state = self.state_data()
+        header = _STATE_HEADER.pack(_STATE_MAGIC, _STATE_VERSION)
+        checked_file.write_atomic(path, [header, checked_file.digest([state]), state], "save_state")
 
     def load_state(self, path: str | os.PathLike[str]) -> None:
-        """Restore a state written by save_state (same model; eviction enabled when it was saved with it).
-        On failure the error names the reason; an evicting cache that could not be restored is left empty."""
+        """Restore a state written by save_state (same model; eviction enabled when it was saved with it), or
+        one llama.cpp's llama_state_save_file wrote (unchecked). A damaged file is refused before anything is
+        loaded; on any other failure the error names the reason and an evicting cache is left empty."""
         p = Path(path)
         if not p.is_file():
             raise InvalidParamsError(f"state file {p} does not exist or is not a file")
+        with open(p, "rb") as f:
+            head = f.read(_STATE_HEADER.size)
+        if head[:8] == _STATE_MAGIC:
+            self.load_state_data(_read_checked_state(p))
+            return
         with open(p, "rb") as f:
             head = f.read(12 + 4 + 64)  # llama.cpp's file header (magic, version, token count), then the state
         if int.from_bytes(head[8:12], "little") == 0:  # (with tokens llama.cpp refuses it: capacity 0)
@@ -352,3 +361,26 @@ class _SecondContext:
 def open_tokenizer(model_path: str | os.PathLike[str]) -> L2KVModel:
     """A minimal context on the model, for tokenizing and chat templates (no eviction)."""
     return L2KVModel(model_path, ModelSettings(n_ctx=64, n_batch=32, n_ubatch=32), l2kv=None)
+
+
+# save_state's file: magic, version, then the SHA-256 of the state, then the state (llama_state_get_data's bytes)
+_STATE_MAGIC = b"L2KVSTAT"
+_STATE_VERSION = 1
+_STATE_HEADER = struct.Struct("<8sI")
+
+
+def _read_checked_state(path: Path) -> bytes:
+    """The state in a save_state file, after its checksum is verified."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidParamsError(f"cannot read the state file {path}: {exc.strerror}") from None
+    start = _STATE_HEADER.size + checked_file.DIGEST_SIZE
+    version = _STATE_HEADER.unpack_from(data)[1] if len(data) >= start else _STATE_VERSION
+    if version != _STATE_VERSION:
+        raise InvalidParamsError(f"the state file {path} has version {version}; this l2kv-cpp reads {_STATE_VERSION}")
+    if len(data) < start or checked_file.digest([data[start:]]) != data[_STATE_HEADER.size : start]:
+        raise InvalidParamsError(
+            f"the state file {path} is damaged (its checksum does not match: truncated or changed); nothing was loaded"
+        )
+    return data[start:]

@@ -4,9 +4,8 @@ The file holds a small JSON header (which model, the conversation: its messages,
 cache holds and the tokens sampled for each answer) followed by the context's llama.cpp state,
 which with eviction carries the evicted cache, its key norms and true positions (see
 docs/design.md). A SHA-256 of everything after the fixed header is checked before anything is
-loaded, so a damaged file is refused instead of resuming a damaged cache. Writes go to a
-temporary file, fsynced, then renamed into place, so an interrupted or failed save (Ctrl-C, a
-full disk) never destroys the previous session.
+loaded, so a damaged file is refused instead of resuming a damaged cache; writes are atomic
+(checked_file).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import os
 import struct
 from pathlib import Path
 
+from . import checked_file
 from .chat import Conversation
 from .errors import InvalidParamsError
 
@@ -26,7 +26,7 @@ MAGIC = b"L2KVSESS"
 # re-tokenization differs)
 VERSION = 3
 _HEADER = struct.Struct("<8sII")  # magic, version, JSON length
-_DIGEST = 32  # version 3: SHA-256 of the JSON and the state, right after the header
+_DIGEST = checked_file.DIGEST_SIZE  # version 3: SHA-256 of the JSON and the state, right after the header
 
 log = logging.getLogger(__name__)
 
@@ -55,44 +55,11 @@ def save_session(conv: Conversation, path: str | os.PathLike[str]) -> int:
             },
         }
     ).encode()
-    digest = hashlib.sha256(header)
-    digest.update(state)
-    target = Path(path)
-    tmp = target.with_name(target.name + ".part")
-    done = False
-    try:
-        with open(tmp, "wb") as f:
-            f.write(_HEADER.pack(MAGIC, VERSION, len(header)))
-            f.write(digest.digest())
-            f.write(header)
-            f.write(state)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before it replaces the previous file
-        os.replace(tmp, target)
-        done = True
-        _fsync_dir(target.parent)
-    except OSError as exc:
-        raise InvalidParamsError(
-            f"--session: cannot write {target} ({exc.strerror or exc}); the previous file is unchanged"
-        ) from None
-    finally:
-        if not done:  # an error, Ctrl-C or SIGTERM while writing: drop the partial file
-            tmp.unlink(missing_ok=True)
-    return _HEADER.size + _DIGEST + len(header) + len(state)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable (where the platform allows opening a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return checked_file.write_atomic(
+        path,
+        [_HEADER.pack(MAGIC, VERSION, len(header)), checked_file.digest([header, state]), header, state],
+        "--session",
+    )
 
 
 def load_session(conv: Conversation, path: str | os.PathLike[str]) -> None:

@@ -336,8 +336,8 @@ def test_every_damaged_session_is_refused_in_one_line_and_kept(tiny_model, tmp_p
 
 
 def test_a_failed_session_save_keeps_the_previous_file(tiny_model, tmp_path, monkeypatch):
-    """A full disk (a file size limit in a child process) and a Ctrl-C in the middle of the write: the
-    previous file stays as it was, no partial file is left, and the error says why."""
+    """A full disk (a file size limit in a child process), a Ctrl-C and a SIGTERM in the middle of the write:
+    the previous file stays as it was, no partial file is left, and the error says why."""
     import subprocess
     import sys
 
@@ -358,14 +358,33 @@ def test_a_failed_session_save_keeps_the_previous_file(tiny_model, tmp_path, mon
     assert session.read_bytes() == before
     assert not list(tmp_path.glob("*.part"))
 
-    from l2kv_cpp import session_file
+    from l2kv_cpp import checked_file
 
     def interrupted(fd):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(session_file.os, "fsync", interrupted)
+    monkeypatch.setattr(checked_file.os, "fsync", interrupted)
     res = invoke("run", str(tiny_model), "-p", "more", "-n", "4", "--session", str(session), *TINY_RUN)
     assert res.exit_code != 0
+    assert session.read_bytes() == before
+    assert not list(tmp_path.glob("*.part"))
+
+    # SIGTERM in the middle of the write (a service manager stopping the run): the same, exit status 143
+    child = (
+        "import os, signal, sys\n"
+        "from l2kv_cpp import checked_file\n"
+        "real_fsync = os.fsync\n"
+        "def terminated(fd):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    real_fsync(fd)\n"
+        "checked_file.os.fsync = terminated\n"
+        "from l2kv_cpp.cli import main\n"
+        f"sys.argv = ['l2kv-cpp', 'run', {str(tiny_model)!r}, '-p', 'more', '-n', '4', '--session', "
+        f"{str(session)!r}, *{list(TINY_RUN)!r}]\n"
+        "main()\n"
+    )
+    res = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 143, res.stderr
     assert session.read_bytes() == before
     assert not list(tmp_path.glob("*.part"))
 

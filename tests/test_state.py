@@ -152,6 +152,45 @@ def test_model_save_state_and_load_state(tiny_model, tmp_path):
             assert other.n_past == 0 and other.stats().n_cells_used == 0
 
 
+def test_a_damaged_state_file_is_refused_before_anything_is_loaded(tiny_model, tmp_path):
+    """save_state's file carries a SHA-256 of the state: a truncated or changed copy is refused with one line
+    naming the file, and the context keeps what it held; a failed save keeps the previous file."""
+    from l2kv_cpp.errors import InvalidParamsError
+    from l2kv_cpp.session import L2KVModel, ModelSettings
+
+    settings = ModelSettings(n_ctx=256, n_batch=64, n_ubatch=64)
+    state = tmp_path / "chat.state"
+    with L2KVModel(tiny_model, settings, CONFIG) as m:
+        m.feed(random_tokens(300))
+        m.save_state(state)
+        good = state.read_bytes()
+        m.reset()
+        m.feed(random_tokens(20, seed=5))
+        logits = m.logits().copy()
+        n = len(good)
+        damaged = {
+            "truncated": good[: n - 100],
+            "bit flip in the K/V": good[: n // 2] + bytes([good[n // 2] ^ 1]) + good[n // 2 + 1 :],
+            "zeros in the K/V": good[: n // 3] + bytes(64) + good[n // 3 + 64 :],
+            "checksum changed": good[:12] + bytes(32) + good[44:],
+            "header only": good[:12],
+        }
+        for what, data in damaged.items():
+            state.write_bytes(data)
+            with pytest.raises(InvalidParamsError, match=f"the state file {state} is damaged") as err:
+                m.load_state(state)
+            assert "\n" not in str(err.value), what
+            assert m.n_past == 20 and np.array_equal(m.logits(), logits), what  # nothing was loaded
+
+        state.write_bytes(good)
+        (tmp_path / "chat.state.part").mkdir()  # the temporary file cannot be created
+        with pytest.raises(InvalidParamsError, match="cannot write .* the previous file is unchanged"):
+            m.save_state(state)
+        assert state.read_bytes() == good
+        m.load_state(state)
+        assert m.n_past == 300
+
+
 def test_gemma3_iswa_state_after_evictions_restores_both_caches(gemma_path):
     """Gemma 3: the budgeted full-attention cache and the sliding-window cache are saved one after the
     other; the l2kv block sits between them and a restored context continues bit for bit."""

@@ -1316,7 +1316,11 @@ void llama_kv_cache_l2::state_read(llama_io_read_i & io) {
     try {
         uint32_t magic = 0;
         uint32_t version = 0;
-        io.read(&magic, sizeof(magic));
+        try {
+            io.read(&magic, sizeof(magic));
+        } catch (const std::exception &) {
+            magic = 0; // the state ends with the stock cells
+        }
         if (magic != LLAMA_L2KV_STATE_MAGIC) {
             throw std::runtime_error("the state has no l2kv data (saved with eviction disabled?)");
         }
