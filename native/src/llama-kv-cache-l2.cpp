@@ -1304,9 +1304,11 @@ void llama_kv_cache_l2::state_write(llama_io_write_i & io, llama_seq_id seq_id) 
             std::vector<uint8_t> rows;
             const uint32_t n = archive.read(ikv, g, pos, rot, rows);
             io.write(&n, sizeof(n));
-            io.write(pos.data(),  pos.size()*sizeof(int32_t));
-            io.write(rot.data(),  rot.size()*sizeof(int32_t));
-            io.write(rows.data(), rows.size());
+            if (n > 0) { // (an empty vector's data() may be null, which memcpy must not get even for 0 bytes)
+                io.write(pos.data(),  pos.size()*sizeof(int32_t));
+                io.write(rot.data(),  rot.size()*sizeof(int32_t));
+                io.write(rows.data(), rows.size());
+            }
         }
     }
 }
@@ -1458,6 +1460,9 @@ void llama_kv_cache_l2::state_read(llama_io_read_i & io) {
                                 (unsigned long long) n_archived_max));
                     }
                     auto & [pos, rot, rows] = archive_in[ikv][g];
+                    if (n == 0) {
+                        continue; // (nothing to read: see state_write)
+                    }
                     pos.resize(n);
                     rows.resize((size_t) n*row);
                     io.read(pos.data(), pos.size()*sizeof(int32_t));
