@@ -30,6 +30,9 @@ class ArchiveStats:
     n_recalls: int  # recalls that brought entries back
     n_recalled: int  # rows brought back, summed over recalls
     t_recall_ms: float  # wall time of every recall, its eviction included
+    max_bytes: int  # the limit on n_bytes (0: none); the oldest entries are forgotten past it
+    bytes_per_position: int  # what one position evicted from every (layer, group) adds
+    n_forgotten: int  # (layer, group) entries dropped for max_bytes, oldest first
 
 
 @dataclass(frozen=True)
@@ -42,14 +45,15 @@ class ArchivedRows:
     norm: np.ndarray  # uint8 [n, norm bytes] (float32 squared norms)
 
 
-def enable(ctx: Any, on: bool = True, on_disk: bool = False) -> None:
-    """Start keeping evicted entries (on; their rows in RAM, or in temporary files with on_disk) or stop and
-    drop the archive (off)."""
+def enable(ctx: Any, on: bool = True, on_disk: bool = False, max_bytes: int = 0) -> None:
+    """Start keeping evicted entries (on; their rows in RAM, or in temporary files with on_disk; at most
+    max_bytes of them, the oldest forgotten first, 0 for no limit) or stop and drop the archive (off)."""
     nat = native()
     params = nat.ffi.NULL
     if on:
         params = nat.ffi.new("struct llama_l2kv_archive_params *", nat.lib.llama_l2kv_archive_default_params())
         params.on_disk = on_disk
+        params.max_bytes = max_bytes
     _check(nat.lib.llama_l2kv_archive_enable(nat.ctx_ptr(ctx), params), "llama_l2kv_archive_enable")
 
 

@@ -213,7 +213,7 @@ def _eviction_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="keep evicted entries and bring back the spans each user turn matches: off, lexical, query or "
             "both, ':N' positions per turn, ':exchange' to stay at the budget, ':disk' for the archive in a "
-            "temporary file",
+            "temporary file, ':max=MIB' for the archive's limit (oldest forgotten first; 0: none)",
         ),
         _positions_option(d.positions.cli_name),
         click.option(

@@ -33,6 +33,10 @@ from .errors import InvalidParamsError
 RECALL_MODES = ("off", "lexical", "query", "both")
 
 
+# the archive's default limit: ~44k evicted SmolLM2 tokens (24 KB each), ~8k of an 8B model's (134 KB)
+DEFAULT_ARCHIVE_MIB = 1024
+
+
 @dataclass(frozen=True)
 class RecallSettings:
     # RECALL_MODES: "off" (evicted entries are lost), "lexical", "query", "both" (module doc); L2KVConfig's
@@ -45,10 +49,15 @@ class RecallSettings:
     # anyway (llama_l2kv_recall); False: evict back to the budget at once (equal entries, for comparisons)
     grow: bool = True
     on_disk: bool = False  # the archived rows in temporary files instead of RAM (llama_l2kv_archive_params)
+    # the most the archive holds, in MiB (RAM, or disk with on_disk); past it the entries evicted longest ago
+    # are forgotten, so a stream of any length keeps bounded memory (0: no limit)
+    max_mib: int = DEFAULT_ARCHIVE_MIB
 
     def __post_init__(self) -> None:
         if self.mode not in RECALL_MODES:
             raise InvalidParamsError(f"recall mode {self.mode!r} is not one of: {', '.join(RECALL_MODES)}")
+        if self.max_mib < 0:
+            raise InvalidParamsError(f"recall: the archive's limit must be >= 0 MiB (got {self.max_mib})")
         if self.n_tokens < 1 or self.block < 1 or self.n_context_blocks < 0:
             raise InvalidParamsError(
                 f"recall needs n_tokens >= 1, block >= 1, n_context_blocks >= 0 "
@@ -64,7 +73,13 @@ class RecallSettings:
         """The setting as parse() reads it, e.g. "lexical:128"."""
         if not self.enabled:
             return "off"
-        return ":".join([self.mode, str(self.n_tokens)] + ["exchange"] * (not self.grow) + ["disk"] * self.on_disk)
+        flags = ["exchange"] * (not self.grow) + ["disk"] * self.on_disk
+        flags += [f"max={self.max_mib}"] * (self.max_mib != DEFAULT_ARCHIVE_MIB)
+        return ":".join([self.mode, str(self.n_tokens), *flags])
+
+    @property
+    def max_bytes(self) -> int:
+        return self.max_mib * 2**20
 
     @property
     def uses_queries(self) -> bool:
@@ -73,19 +88,26 @@ class RecallSettings:
     @classmethod
     def parse(cls, value: str) -> RecallSettings:
         """ "off", "lexical", "lexical:N" (N positions per recall), then any of ":exchange" (stay at the
-        budget) and ":disk" (the archive in temporary files), e.g. "lexical:128:exchange:disk"."""
+        budget), ":disk" (the archive in temporary files) and ":max=MIB" (the archive's limit, 0: none),
+        e.g. "lexical:128:exchange:disk:max=4096"."""
         parts = value.strip().split(":")
         flags = set()
-        while len(parts) > 1 and parts[-1] in ("exchange", "disk"):
-            flags.add(parts.pop())
+        extra: dict[str, int] = {}
         try:
+            while len(parts) > 1 and (parts[-1] in ("exchange", "disk") or parts[-1].startswith("max=")):
+                last = parts.pop()
+                if last.startswith("max="):
+                    extra["max_mib"] = int(last[4:])
+                else:
+                    flags.add(last)
             if len(parts) > 2:
                 raise ValueError
-            n = {"n_tokens": int(parts[1])} if len(parts) == 2 else {}
-            return cls(mode=parts[0], grow="exchange" not in flags, on_disk="disk" in flags, **n)
+            if len(parts) == 2:
+                extra["n_tokens"] = int(parts[1])
+            return cls(mode=parts[0], grow="exchange" not in flags, on_disk="disk" in flags, **extra)
         except ValueError:
             raise InvalidParamsError(
-                f"recall {value!r}: expected MODE[:N_TOKENS][:exchange][:disk], e.g. lexical:128"
+                f"recall {value!r}: expected MODE[:N_TOKENS][:exchange][:disk][:max=MIB], e.g. lexical:128"
             ) from None
 
 

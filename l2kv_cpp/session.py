@@ -110,8 +110,8 @@ class L2KVModel:
         if l2kv is not None:
             try:
                 cache.enable(self.llm.ctx, l2kv)
-                if l2kv.recall.enabled:
-                    archive.enable(self.llm.ctx, on_disk=l2kv.recall.on_disk)  # evicted entries kept for recall
+                if l2kv.recall.enabled:  # evicted entries kept for recall
+                    archive.enable(self.llm.ctx, on_disk=l2kv.recall.on_disk, max_bytes=l2kv.recall.max_bytes)
             except Exception:
                 self.llm.close()
                 raise

@@ -68,7 +68,8 @@ def test_lexical_spans_find_a_needle():
 
 def test_settings_are_checked():
     assert RecallSettings.parse("lexical:64:exchange") == RecallSettings("lexical", 64, grow=False)
-    for bad in ("lexicon", "lexical:0", "lexical:x", "lexical:1:2:3"):
+    assert RecallSettings.parse("lexical:disk:max=0") == RecallSettings("lexical", on_disk=True, max_mib=0)
+    for bad in ("lexicon", "lexical:0", "lexical:x", "lexical:1:2:3", "lexical:max=-1", "lexical:max=x"):
         with pytest.raises(InvalidParamsError):
             RecallSettings.parse(bad)
 
@@ -123,8 +124,23 @@ def test_a_question_brings_its_needle_back_into_every_head(smollm2_path, grow):
 def test_recall_is_on_by_default_and_its_setting_round_trips():
     d = L2KVConfig().recall
     assert d.mode == "lexical" and d.grow and not d.on_disk and RecallSettings.parse(d.spec) == d
-    for spec in ("off", "query:64:exchange", "both:32:disk", "lexical:16:exchange:disk"):
+    for spec in ("off", "query:64:exchange", "both:32:disk", "lexical:16:exchange:disk", "lexical:128:disk:max=64"):
         assert RecallSettings.parse(spec).spec == spec
+
+
+def test_the_default_archive_is_limited_and_forgets_the_oldest(tiny_model):
+    """Recall on by default keeps its archive under RecallSettings.max_mib: a stream of any length holds
+    bounded memory (here a limit of 1 MiB on the tiny model)."""
+    config = L2KVConfig(kv_budget=64, recall=RecallSettings.parse("lexical:max=1"))
+    assert L2KVConfig().recall.max_mib > 0
+    with L2KVModel(tiny_model, ModelSettings(n_batch=64, n_ubatch=64), config) as m:
+        st = archive.stats(m.llm.ctx)
+        n_tokens = 2 * (2**20 // st.bytes_per_position)  # twice what fits
+        for start in range(0, n_tokens, 256):
+            m.feed(list((np.arange(start, start + 256) % 200 + 3).tolist()))
+        st = archive.stats(m.llm.ctx)
+        assert st.max_bytes == 2**20 and 0.9 * 2**20 < st.n_bytes <= 2**20
+        assert st.n_forgotten > 0
 
 
 def test_without_recall_nothing_is_archived(tiny_model):

@@ -23,7 +23,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define LLAMA_L2KV_ABI_VERSION 11
+#define LLAMA_L2KV_ABI_VERSION 12
 
 #ifdef __cplusplus
 extern "C" {
@@ -274,8 +274,11 @@ extern "C" {
     // (they go to the archive). The cache never holds more than kv_budget + n_slack entries.
 
     struct llama_l2kv_archive_params {
-        bool on_disk; // false: the rows in RAM; true: in unnamed temporary files (std::tmpfile, in $TMPDIR on
-                      // POSIX systems, removed when closed), RAM holding only positions and slots (16 bytes a row)
+        bool     on_disk;   // false: the rows in RAM; true: in unnamed temporary files (std::tmpfile, in $TMPDIR
+                            // on POSIX systems, removed when closed), RAM holding only positions and slots (16 bytes a row)
+        uint64_t max_bytes; // 0: no limit; else the most the archive's rows and positions may take (RAM or disk):
+                            // each (layer, group) keeps the entries of the positions evicted last, and the oldest
+                            // are forgotten (at least one position's rows, llama_l2kv_archive_stats.bytes_per_position)
     };
 
     struct llama_l2kv_archive_stats {
@@ -287,6 +290,9 @@ extern "C" {
         uint64_t n_recalls;   // recalls that brought entries back
         uint64_t n_recalled;  // rows brought back, summed over recalls
         double   t_recall_ms; // wall time of all recalls, the evictions they ran included
+        uint64_t max_bytes;   // the limit it was started with (0: none)
+        uint64_t bytes_per_position; // what one position evicted everywhere adds (rows and positions)
+        uint64_t n_forgotten; // (layer, group) entries dropped for max_bytes, oldest first
     };
 
     // defaults: rows in RAM

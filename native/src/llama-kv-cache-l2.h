@@ -203,6 +203,7 @@ struct llama_kv_cache_l2 {
     // the archive of dropped entries (llama_l2kv_archive_enable); without it an eviction loses them
     bool               archive_on = false;
     llama_l2kv_archive archive;
+    uint64_t           archive_max_bytes = 0; // its limit (llama_l2kv_archive_params.max_bytes)
 
     // positions the last recall brought back: protected like the sinks until the next recall
     llama_l2kv_spans pinned;
@@ -289,7 +290,8 @@ struct llama_kv_cache_l2 {
 
     // archive (llama-l2kv-recall.cpp): start keeping dropped entries, with the row layout of every layer, in RAM
     // or in temporary files; false when a temporary file cannot be created
-    bool archive_start(bool on_disk);
+    bool archive_start(bool on_disk, uint64_t max_bytes); // (llama_l2kv_archive::init)
+    void archive_layout(std::vector<uint32_t> & groups, std::vector<llama_l2kv_archive::row_layout> & layout) const;
     bool archive_write_failed = false; // a dropped entry could not be written (logged once)
 
     // archive the entries of cache layer ikv that an eviction drops: (cell, group, true position) each;

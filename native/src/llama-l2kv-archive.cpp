@@ -53,9 +53,22 @@ void llama_l2kv_archive::pool::read(uint64_t s, size_t row, uint8_t * dst) const
     }
 }
 
-bool llama_l2kv_archive::init(const std::vector<uint32_t> & n_group, const std::vector<row_layout> & layout, bool on_disk) {
+uint64_t llama_l2kv_archive::bytes_per_position(const std::vector<uint32_t> & n_group,
+        const std::vector<row_layout> & layout) {
+    uint64_t n = 0;
+    for (size_t ikv = 0; ikv < n_group.size(); ++ikv) {
+        n += (uint64_t) n_group[ikv]*(layout[ikv].total() + 2*sizeof(int32_t));
+    }
+    return n;
+}
+
+bool llama_l2kv_archive::init(const std::vector<uint32_t> & n_group, const std::vector<row_layout> & layout, bool on_disk,
+        uint64_t max_bytes) {
     disk    = on_disk;
     layouts = layout;
+    const uint64_t per_pos = bytes_per_position(n_group, layout);
+    cap = max_bytes == 0 || per_pos == 0 ? 0 : std::max<uint64_t>(max_bytes/per_pos, 1);
+    forgotten.assign(n_group.size(), 0);
     stores.assign(n_group.size(), {});
     pools.clear();
     pools.resize(n_group.size());
@@ -142,6 +155,33 @@ uint32_t llama_l2kv_archive::take(uint32_t ikv, uint32_t g, const llama_l2kv_spa
     return (uint32_t) idx.size();
 }
 
+void llama_l2kv_archive::trim(uint32_t ikv) {
+    if (cap == 0) {
+        return;
+    }
+    pool & pl = pools[ikv];
+    for (group_store & st : stores[ikv]) {
+        if (st.pos.size() <= cap) {
+            continue;
+        }
+        // one erase per group and eviction: the entries came in eviction order, the oldest first
+        const size_t n_drop = st.pos.size() - cap;
+        pl.free.insert(pl.free.end(), st.slot.begin(), st.slot.begin() + n_drop);
+        st.pos.erase(st.pos.begin(), st.pos.begin() + n_drop);
+        st.rot.erase(st.rot.begin(), st.rot.begin() + n_drop);
+        st.slot.erase(st.slot.begin(), st.slot.begin() + n_drop);
+        forgotten[ikv] += n_drop;
+    }
+}
+
+uint64_t llama_l2kv_archive::n_forgotten() const {
+    uint64_t n = 0;
+    for (uint64_t f : forgotten) {
+        n += f;
+    }
+    return n;
+}
+
 uint32_t llama_l2kv_archive::read(uint32_t ikv, uint32_t g, std::vector<int32_t> & pos, std::vector<int32_t> & rot,
         std::vector<uint8_t> & rows) const {
     const group_store & st = stores[ikv][g];
@@ -170,7 +210,10 @@ bool llama_l2kv_archive::restore(uint32_t ikv, uint32_t g, const std::vector<int
     st.rot.clear();
     st.slot.clear();
     const size_t row = layouts[ikv].total();
-    for (size_t i = 0; i < pos.size(); ++i) {
+    // (a state saved under a larger limit: keep its newest positions)
+    const size_t first = cap > 0 && pos.size() > cap ? pos.size() - cap : 0;
+    forgotten[ikv] += first;
+    for (size_t i = first; i < pos.size(); ++i) {
         const uint8_t * r = rows.data() + i*row;
         if (!add(ikv, g, pos[i], rot[i], r, r + layouts[ikv].k, r + layouts[ikv].k + layouts[ikv].v)) {
             return false;

@@ -36,9 +36,22 @@ public:
         size_t total() const { return k + v + kn; }
     };
 
-    // per cache layer: its groups and its row layout; on_disk: rows in temporary files. Drops every entry;
-    // false when a temporary file cannot be created
-    bool init(const std::vector<uint32_t> & n_group, const std::vector<row_layout> & layout, bool on_disk);
+    // per cache layer: its groups and its row layout; on_disk: rows in temporary files; max_bytes: 0, or the
+    // most n_bytes() may reach (each (layer, group) keeps the entries of the max_bytes / bytes_per_position()
+    // positions evicted last). Drops every entry; false when a temporary file cannot be created
+    bool init(const std::vector<uint32_t> & n_group, const std::vector<row_layout> & layout, bool on_disk,
+            uint64_t max_bytes);
+
+    // what one position evicted from every (layer, group) takes: rows and positions (as n_bytes counts them)
+    static uint64_t bytes_per_position(const std::vector<uint32_t> & n_group, const std::vector<row_layout> & layout);
+
+    uint64_t max_entries() const { return cap; } // per (layer, group); 0: no limit
+
+    // drop the oldest entries (in the order they came) of every group of cache layer ikv past max_entries();
+    // different layers may be trimmed from different threads
+    void trim(uint32_t ikv);
+
+    uint64_t n_forgotten() const; // entries trim() dropped since init
 
     bool on_disk() const { return disk; }
 
@@ -100,6 +113,8 @@ private:
     };
 
     bool                                  disk = false;
+    uint64_t                              cap  = 0;  // entries per (layer, group); 0: no limit
+    std::vector<uint64_t>                 forgotten; // [ikv] entries trim() dropped
     std::vector<row_layout>               layouts; // [ikv]
     std::vector<std::vector<group_store>> stores;  // [ikv][g]
     std::vector<pool>                     pools;   // [ikv]

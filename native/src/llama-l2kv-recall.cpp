@@ -48,15 +48,21 @@ void llama_kv_cache_l2::rows_set(ggml_tensor * rows, uint32_t r0, uint32_t n, co
     }
 }
 
-bool llama_kv_cache_l2::archive_start(bool on_disk) {
-    std::vector<uint32_t> groups(n_layer());
-    std::vector<llama_l2kv_archive::row_layout> layout(n_layer());
+void llama_kv_cache_l2::archive_layout(std::vector<uint32_t> & groups, std::vector<llama_l2kv_archive::row_layout> & layout) const {
+    groups.resize(n_layer());
+    layout.resize(n_layer());
     for (uint32_t ikv = 0; ikv < n_layer(); ++ikv) {
         groups[ikv] = n_group(ikv);
         layout[ikv] = { k_rows[ikv]->nb[1], v_rows[ikv]->nb[1], kn_rows[ikv]->nb[1] };
     }
+}
+
+bool llama_kv_cache_l2::archive_start(bool on_disk, uint64_t max_bytes) {
+    std::vector<uint32_t> groups;
+    std::vector<llama_l2kv_archive::row_layout> layout;
+    archive_layout(groups, layout);
     archive_write_failed = false;
-    archive_on = archive.init(groups, layout, on_disk);
+    archive_on = archive.init(groups, layout, on_disk, max_bytes);
     return archive_on;
 }
 
@@ -96,6 +102,7 @@ void llama_kv_cache_l2::archive_dropped(uint32_t ikv, const std::vector<dropped_
                     "lost from now on\n", __func__);
         }
     }
+    archive.trim(ikv);
 }
 
 uint32_t llama_kv_cache_l2::recall_inject(const llama_l2kv_spans & spans) {

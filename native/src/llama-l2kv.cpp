@@ -480,7 +480,8 @@ int32_t llama_l2kv_model_n_swa(const struct llama_model * model) {
 
 struct llama_l2kv_archive_params llama_l2kv_archive_default_params(void) {
     struct llama_l2kv_archive_params p = {
-        /*.on_disk =*/ false,
+        /*.on_disk   =*/ false,
+        /*.max_bytes =*/ 0,
     };
     return p;
 }
@@ -501,7 +502,17 @@ int32_t llama_l2kv_archive_enable(struct llama_context * ctx, const struct llama
         l2->archive    = llama_l2kv_archive(); // frees the rows and closes the temporary files
         return LLAMA_L2KV_STATUS_OK;
     }
-    if (!l2->archive_start(params->on_disk)) {
+    std::vector<uint32_t> groups;
+    std::vector<llama_l2kv_archive::row_layout> layout;
+    l2->archive_layout(groups, layout);
+    const uint64_t per_pos = llama_l2kv_archive::bytes_per_position(groups, layout);
+    if (params->max_bytes > 0 && params->max_bytes < per_pos) {
+        llama_l2kv_error("%s: max_bytes %llu is less than one evicted position takes (%llu bytes)\n", __func__,
+                (unsigned long long) params->max_bytes, (unsigned long long) per_pos);
+        return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
+    }
+    l2->archive_max_bytes = params->max_bytes;
+    if (!l2->archive_start(params->on_disk, params->max_bytes)) {
         llama_l2kv_error("%s: cannot create a temporary file for the archive (is $TMPDIR writable?)\n", __func__);
         return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
     }
@@ -526,6 +537,14 @@ int32_t llama_l2kv_archive_get_stats(const struct llama_context * ctx, struct ll
     out->n_recalls   = l2->n_recalls;
     out->n_recalled  = l2->n_recalled;
     out->t_recall_ms = l2->t_recall_us/1000.0;
+    {
+        std::vector<uint32_t> groups;
+        std::vector<llama_l2kv_archive::row_layout> layout;
+        l2->archive_layout(groups, layout);
+        out->bytes_per_position = llama_l2kv_archive::bytes_per_position(groups, layout);
+    }
+    out->max_bytes   = l2->archive_on ? l2->archive_max_bytes : 0;
+    out->n_forgotten = l2->archive.n_forgotten();
     return LLAMA_L2KV_STATUS_OK;
 }
 
