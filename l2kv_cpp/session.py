@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,19 +120,20 @@ class L2KVModel:
     def _load_model(self, path: Path, n_ctx: int) -> Any:
         settings, lc = self.settings, _lib.llama_cpp()
         try:
-            return lc.Llama(
-                model_path=str(path),
-                n_ctx=n_ctx,
-                n_batch=settings.n_batch,
-                n_ubatch=settings.n_ubatch,
-                n_gpu_layers=settings.n_gpu_layers,
-                flash_attn=settings.flash_attn,
-                type_k=ggml_type_id(settings.cache_type_k),
-                type_v=ggml_type_id(settings.cache_type_v),
-                n_threads=settings.n_threads,
-                n_threads_batch=settings.n_threads,
-                verbose=settings.verbose,
-            )
+            with _LOAD_LOCK:
+                return lc.Llama(
+                    model_path=str(path),
+                    n_ctx=n_ctx,
+                    n_batch=settings.n_batch,
+                    n_ubatch=settings.n_ubatch,
+                    n_gpu_layers=settings.n_gpu_layers,
+                    flash_attn=settings.flash_attn,
+                    type_k=ggml_type_id(settings.cache_type_k),
+                    type_v=ggml_type_id(settings.cache_type_v),
+                    n_threads=settings.n_threads,
+                    n_threads_batch=settings.n_threads,
+                    verbose=settings.verbose,
+                )
         except ValueError as exc:
             raise ModelError(f"llama.cpp could not load {path} ({exc}); run with -v for its log") from None
 
@@ -362,6 +364,11 @@ def open_tokenizer(model_path: str | os.PathLike[str]) -> L2KVModel:
     """A minimal context on the model, for tokenizing and chat templates (no eviction)."""
     return L2KVModel(model_path, ModelSettings(n_ctx=64, n_batch=32, n_ubatch=32), l2kv=None)
 
+
+# llama-cpp-python silences a model load by pointing fds 1 and 2 at /dev/null and back (suppress_stdout_stderr):
+# two loads in two threads interleave those dup2s and can leave the process's stdout and stderr on /dev/null for
+# good (found under ASan, whose timing made it happen every time). One load at a time.
+_LOAD_LOCK = threading.Lock()
 
 # save_state's file: magic, version, then the SHA-256 of the state, then the state (llama_state_get_data's bytes)
 _STATE_MAGIC = b"L2KVSTAT"

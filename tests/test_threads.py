@@ -1,8 +1,9 @@
-"""Two evicting models used from two threads at once: each computes what it computes alone, and each
-thread reads its own last error (the C API keeps it per thread)."""
+"""Two evicting models used from two threads at once: each computes what it computes alone, each thread
+reads its own last error (the C API keeps it per thread), and the process keeps its stdout and stderr."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -53,12 +54,19 @@ def test_two_models_in_two_threads_match_each_alone_and_keep_their_own_errors(ti
             failures.append(f"thread {k}: {exc!r}")
             barrier.abort()
 
+    def fds() -> list[tuple[int, int]]:
+        return [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)]
+
+    fds_before = fds()
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=300)
     assert not any(t.is_alive() for t in threads)
+    # llama-cpp-python silences each load by moving fds 1 and 2 to /dev/null and back: two loads at once
+    # could leave them there for good (the loads are serialized)
+    assert fds() == fds_before
     assert not failures, failures
     for k in range(2):
         logits, n_evictions = results[k]
