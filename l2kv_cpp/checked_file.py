@@ -12,7 +12,7 @@ import hashlib
 import os
 import signal
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import InvalidParamsError
@@ -20,11 +20,21 @@ from .errors import InvalidParamsError
 DIGEST_SIZE = 32  # SHA-256
 
 
-def digest(chunks: Iterable[bytes]) -> bytes:
+def write_checked(target: str | os.PathLike[str], header: bytes, payload: Sequence[bytes], what: str) -> int:
+    """Write `header`, the SHA-256 of the payload, then the payload's parts, atomically (write_atomic)."""
     h = hashlib.sha256()
-    for c in chunks:
-        h.update(c)
-    return h.digest()
+    for part in payload:
+        h.update(part)
+    return write_atomic(target, [header, h.digest(), *payload], what)
+
+
+def checked_payload(data: bytes, header_size: int) -> bytes | None:
+    """The payload of a file write_checked wrote (its header `header_size` bytes), or None when the file is
+    truncated or its checksum does not match."""
+    start = header_size + DIGEST_SIZE
+    if len(data) < start or hashlib.sha256(data[start:]).digest() != data[header_size:start]:
+        return None
+    return data[start:]
 
 
 def write_atomic(target: str | os.PathLike[str], chunks: Iterable[bytes], what: str) -> int:

@@ -244,9 +244,8 @@ class L2KVModel:
         """Write the context to a file: the KV cache and, with eviction, its key norms and true positions.
         The file carries a SHA-256 of the state, checked by load_state; the write is atomic (an interrupted or
         failed save leaves the previous file as it was)."""
-        state = self.state_data()
         header = _STATE_HEADER.pack(_STATE_MAGIC, _STATE_VERSION)
-        checked_file.write_atomic(path, [header, checked_file.digest([state]), state], "save_state")
+        checked_file.write_checked(path, header, [self.state_data()], "save_state")
 
     def load_state(self, path: str | os.PathLike[str]) -> None:
         """Restore a state written by save_state (same model; eviction enabled when it was saved with it), or
@@ -256,12 +255,10 @@ class L2KVModel:
         if not p.is_file():
             raise InvalidParamsError(f"state file {p} does not exist or is not a file")
         with open(p, "rb") as f:
-            head = f.read(_STATE_HEADER.size)
-        if head[:8] == _STATE_MAGIC:
+            head = f.read(12 + 4 + 64)  # ours, or llama.cpp's file header (magic, version, token count), then the state
+        if head.startswith(_STATE_MAGIC):
             self.load_state_data(_read_checked_state(p))
             return
-        with open(p, "rb") as f:
-            head = f.read(12 + 4 + 64)  # llama.cpp's file header (magic, version, token count), then the state
         if int.from_bytes(head[8:12], "little") == 0:  # (with tokens llama.cpp refuses it: capacity 0)
             self._check_state_start(head[12:], f"the state {p}")
         lc = _lib.llama_cpp()
@@ -382,12 +379,12 @@ def _read_checked_state(path: Path) -> bytes:
         data = path.read_bytes()
     except OSError as exc:
         raise InvalidParamsError(f"cannot read the state file {path}: {exc.strerror}") from None
-    start = _STATE_HEADER.size + checked_file.DIGEST_SIZE
-    version = _STATE_HEADER.unpack_from(data)[1] if len(data) >= start else _STATE_VERSION
+    version = _STATE_HEADER.unpack_from(data)[1] if len(data) >= _STATE_HEADER.size else _STATE_VERSION
     if version != _STATE_VERSION:
         raise InvalidParamsError(f"the state file {path} has version {version}; this l2kv-cpp reads {_STATE_VERSION}")
-    if len(data) < start or checked_file.digest([data[start:]]) != data[_STATE_HEADER.size : start]:
+    state = checked_file.checked_payload(data, _STATE_HEADER.size)
+    if state is None:
         raise InvalidParamsError(
             f"the state file {path} is damaged (its checksum does not match: truncated or changed); nothing was loaded"
         )
-    return data[start:]
+    return state

@@ -10,7 +10,6 @@ loaded, so a damaged file is refused instead of resuming a damaged cache; writes
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,6 @@ MAGIC = b"L2KVSESS"
 # re-tokenization differs)
 VERSION = 3
 _HEADER = struct.Struct("<8sII")  # magic, version, JSON length
-_DIGEST = checked_file.DIGEST_SIZE  # version 3: SHA-256 of the JSON and the state, right after the header
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +53,7 @@ def save_session(conv: Conversation, path: str | os.PathLike[str]) -> int:
             },
         }
     ).encode()
-    return checked_file.write_atomic(
-        path,
-        [_HEADER.pack(MAGIC, VERSION, len(header)), checked_file.digest([header, state]), header, state],
-        "--session",
-    )
+    return checked_file.write_checked(path, _HEADER.pack(MAGIC, VERSION, len(header)), [header, state], "--session")
 
 
 def load_session(conv: Conversation, path: str | os.PathLike[str]) -> None:
@@ -83,8 +77,8 @@ def load_session(conv: Conversation, path: str | os.PathLike[str]) -> None:
         raise InvalidParamsError(f"--session: {source} has version {version}; this l2kv-cpp reads version {VERSION}")
     start = _HEADER.size
     if version == VERSION:
-        start += _DIGEST
-        if len(data) < start or hashlib.sha256(data[start:]).digest() != data[_HEADER.size : start]:
+        start += checked_file.DIGEST_SIZE
+        if checked_file.checked_payload(data, _HEADER.size) is None:
             raise InvalidParamsError(
                 f"--session: {source} is damaged (its checksum does not match: truncated or changed); nothing was "
                 "loaded and the file is kept"

@@ -343,16 +343,20 @@ def test_a_failed_session_save_keeps_the_previous_file(tiny_model, tmp_path, mon
 
     session = _saved_session(tiny_model, tmp_path)
     before = session.read_bytes()
-    child = (
-        "import resource, signal, sys\n"
+
+    def run_child(setup: str, prompt: str, n: str):
+        """`run --session` in a child process, after `setup` (Python source)."""
+        argv = ["l2kv-cpp", "run", str(tiny_model), "-p", prompt, "-n", n, "--session", str(session), *TINY_RUN]
+        child = f"import sys\n{setup}from l2kv_cpp.cli import main\nsys.argv = {argv!r}\nmain()\n"
+        return subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+
+    res = run_child(
+        "import resource, signal\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) // 2}, {len(before) // 2}))\n"
-        "from l2kv_cpp.cli import main\n"
-        f"sys.argv = ['l2kv-cpp', 'run', {str(tiny_model)!r}, '-p', 'more ' * 40, '-n', '20', '--session', "
-        f"{str(session)!r}, *{list(TINY_RUN)!r}]\n"
-        "main()\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) // 2}, {len(before) // 2}))\n",
+        "more " * 40,
+        "20",
     )
-    res = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
     assert res.returncode == 1, res.stderr
     assert "cannot write" in res.stderr and "previous file is unchanged" in res.stderr
     assert session.read_bytes() == before
@@ -370,20 +374,17 @@ def test_a_failed_session_save_keeps_the_previous_file(tiny_model, tmp_path, mon
     assert not list(tmp_path.glob("*.part"))
 
     # SIGTERM in the middle of the write (a service manager stopping the run): the same, exit status 143
-    child = (
-        "import os, signal, sys\n"
+    res = run_child(
+        "import os, signal\n"
         "from l2kv_cpp import checked_file\n"
         "real_fsync = os.fsync\n"
         "def terminated(fd):\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    real_fsync(fd)\n"
-        "checked_file.os.fsync = terminated\n"
-        "from l2kv_cpp.cli import main\n"
-        f"sys.argv = ['l2kv-cpp', 'run', {str(tiny_model)!r}, '-p', 'more', '-n', '4', '--session', "
-        f"{str(session)!r}, *{list(TINY_RUN)!r}]\n"
-        "main()\n"
+        "checked_file.os.fsync = terminated\n",
+        "more",
+        "4",
     )
-    res = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
     assert res.returncode == 143, res.stderr
     assert session.read_bytes() == before
     assert not list(tmp_path.glob("*.part"))

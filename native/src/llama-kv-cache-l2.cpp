@@ -1426,8 +1426,7 @@ void llama_kv_cache_l2::state_read(llama_io_read_i & io) {
                 pos_max_in = std::max(pos_max_in, cells().pos_get(i));
             }
             const uint64_t n_archived_max = (uint64_t) std::max<llama_pos>(pos_max_in + 1, 0);
-            if (!archive_on && (archive_max_bytes = 0, !archive_start(false, 0))) { // the state had one: keep it
-                                                                                     // (and go on archiving, no limit)
+            if (!archive_on && !archive_start(false, 0)) { // the state had one: keep it (and go on archiving)
                 throw std::runtime_error("cannot start the archive of evicted entries");
             }
             uint32_t n_pinned = 0;

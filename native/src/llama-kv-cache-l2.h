@@ -203,7 +203,6 @@ struct llama_kv_cache_l2 {
     // the archive of dropped entries (llama_l2kv_archive_enable); without it an eviction loses them
     bool               archive_on = false;
     llama_l2kv_archive archive;
-    uint64_t           archive_max_bytes = 0; // its limit (llama_l2kv_archive_params.max_bytes)
 
     // positions the last recall brought back: protected like the sinks until the next recall
     llama_l2kv_spans pinned;

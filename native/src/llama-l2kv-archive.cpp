@@ -67,6 +67,7 @@ bool llama_l2kv_archive::init(const std::vector<uint32_t> & n_group, const std::
     disk    = on_disk;
     layouts = layout;
     const uint64_t per_pos = bytes_per_position(n_group, layout);
+    limit = max_bytes;
     cap = max_bytes == 0 || per_pos == 0 ? 0 : std::max<uint64_t>(max_bytes/per_pos, 1);
     forgotten.assign(n_group.size(), 0);
     stores.assign(n_group.size(), {});

@@ -45,7 +45,8 @@ public:
     // what one position evicted from every (layer, group) takes: rows and positions (as n_bytes counts them)
     static uint64_t bytes_per_position(const std::vector<uint32_t> & n_group, const std::vector<row_layout> & layout);
 
-    uint64_t max_entries() const { return cap; } // per (layer, group); 0: no limit
+    uint64_t max_bytes()   const { return limit; } // as given to init
+    uint64_t max_entries() const { return cap; }   // per (layer, group); 0: no limit
 
     // drop the oldest entries (in the order they came) of every group of cache layer ikv past max_entries();
     // different layers may be trimmed from different threads
@@ -113,6 +114,7 @@ private:
     };
 
     bool                                  disk = false;
+    uint64_t                              limit = 0; // max_bytes as given to init
     uint64_t                              cap  = 0;  // entries per (layer, group); 0: no limit
     std::vector<uint64_t>                 forgotten; // [ikv] entries trim() dropped
     std::vector<row_layout>               layouts; // [ikv]

@@ -511,7 +511,6 @@ int32_t llama_l2kv_archive_enable(struct llama_context * ctx, const struct llama
                 (unsigned long long) params->max_bytes, (unsigned long long) per_pos);
         return LLAMA_L2KV_STATUS_INVALID_ARGUMENT;
     }
-    l2->archive_max_bytes = params->max_bytes;
     if (!l2->archive_start(params->on_disk, params->max_bytes)) {
         llama_l2kv_error("%s: cannot create a temporary file for the archive (is $TMPDIR writable?)\n", __func__);
         return LLAMA_L2KV_STATUS_UNSUPPORTED_MEMORY;
@@ -543,7 +542,7 @@ int32_t llama_l2kv_archive_get_stats(const struct llama_context * ctx, struct ll
         l2->archive_layout(groups, layout);
         out->bytes_per_position = llama_l2kv_archive::bytes_per_position(groups, layout);
     }
-    out->max_bytes   = l2->archive_on ? l2->archive_max_bytes : 0;
+    out->max_bytes   = l2->archive_on ? l2->archive.max_bytes() : 0;
     out->n_forgotten = l2->archive.n_forgotten();
     return LLAMA_L2KV_STATUS_OK;
 }
