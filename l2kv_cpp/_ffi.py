@@ -19,7 +19,7 @@ from . import _lib
 from .errors import BUILD_HINT, LibraryNotPatchedError
 
 # the ABI this Python package is written against (LLAMA_L2KV_ABI_VERSION in the header)
-SUPPORTED_ABI_VERSION = 12
+SUPPORTED_ABI_VERSION = 13
 
 HEADER_NAME = "llama-l2kv.h"
 _CDEF = re.compile(r"//\s*L2KV_CDEF_BEGIN\s*\n(.*?)//\s*L2KV_CDEF_END", re.S)

@@ -275,10 +275,17 @@ def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "-ngl",
             "--n-gpu-layers",
-            default=d.n_gpu_layers,
-            show_default=True,
+            default=None,
             type=int,
-            help="layers on the GPU (-1 = all)",
+            help="layers on the GPU or the rpc-servers, the model's last ones (-1 = all) [default: all with --rpc, "
+            "else 0]",
+        ),
+        click.option(
+            "--rpc",
+            default=None,
+            metavar="HOST:PORT[,...]",
+            help="rpc-servers for the -ngl layers (llama.cpp's RPC backend, split by their free memory; eviction "
+            "runs where each layer's K/V is); start each with `l2kv-cpp rpc-server`",
         ),
         click.option(
             "-fa",
@@ -447,6 +454,24 @@ def serve(
         model_alias=alias,
     )
     run_server(model, server, settings["model_settings"], settings["l2kv"], settings["sampling"], n_predict)
+
+
+@main.command(
+    "rpc-server",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@_errors_as_one_line
+def rpc_server(args: tuple[str, ...]) -> None:
+    """llama.cpp's rpc-server, built with this library (build_patched.py --rpc): holds --rpc layers for a client.
+
+    Its own flags: -H/--host ADDRESS (default 127.0.0.1), -p/--port PORT (50052), -t/--threads N, -c/--cache
+    (keep weights in a local file cache), -h. Never expose it to an untrusted network: it is not authenticated.
+    """
+    from .rpc import exec_server_program
+
+    exec_server_program(list(args))
 
 
 @main.command()

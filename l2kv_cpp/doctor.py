@@ -74,7 +74,21 @@ def _library_checks() -> Iterator[Check]:
     backends = backend_names(sysinfo)
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
     yield Check("backends", OK, f"{', '.join(backends) or '?'} (GPU offload: {'yes' if gpu else 'no'})")
+    yield _rpc_check()
     yield _flash_attn_check(nat)
+
+
+def _rpc_check() -> Check:
+    """--rpc needs the RPC backend in libllama and the rpc-server built beside it."""
+    from . import rpc
+
+    if not rpc.supported():
+        return Check("RPC", WARN, "not built (--rpc unavailable)", f"for --rpc: {BUILD_HINT} (without --no-rpc)")
+    try:
+        program = rpc.server_program()
+    except rpc.RpcError as exc:
+        return Check("RPC", WARN, f"backend built, {exc}", f"{BUILD_HINT} (without --no-rpc)")
+    return Check("RPC", OK, f"backend built (--rpc HOST:PORT); server: l2kv-cpp rpc-server ({program.name})")
 
 
 def _flash_attn_check(nat) -> Check:

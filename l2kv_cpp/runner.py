@@ -26,6 +26,7 @@ from .generate import GenerationResponse
 from .models import resolve_model
 from .prompt_tokens import common_prefix_len
 from .recall import RecallSettings
+from .rpc import parse_endpoints
 from .sampling import SamplingSettings
 from .session import L2KVModel, ModelSettings, ProgressFn
 from .session_file import load_session, save_session
@@ -66,11 +67,13 @@ def settings_from_options(opts: dict[str, Any]) -> dict[str, Any]:
         skip_layers=skip_layers,
         positions=opts["positions"],
     )
+    rpc = parse_endpoints(opts["rpc"])
     model = ModelSettings(
         n_ctx=opts["ctx_size"],
         n_batch=opts["batch_size"],
         n_ubatch=min(opts["ubatch_size"], opts["batch_size"]),
-        n_gpu_layers=opts["n_gpu_layers"],
+        n_gpu_layers=(-1 if rpc else 0) if opts["n_gpu_layers"] is None else opts["n_gpu_layers"],
+        rpc=rpc,
         flash_attn=True,
         cache_type_k=opts["cache_type_k"],
         cache_type_v=opts["cache_type_v"],

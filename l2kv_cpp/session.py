@@ -9,11 +9,12 @@ attention is on by default, and eviction is enabled right after the context is c
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,9 @@ class ModelSettings:
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     n_threads: int | None = None  # None = llama-cpp-python's default
+    rpc: tuple[str, ...] = ()  # rpc-servers ("host:port") for the last n_gpu_layers layers (l2kv_cpp.rpc)
+    repack: bool = True  # CPU weights repacked for the fast kernels (llama.cpp's extra buffer types); off runs
+    # the kernels an rpc-server runs, so a local run and a split one compute the same bits
     verbose: bool = False  # llama.cpp's log on stderr
 
     def __post_init__(self) -> None:
@@ -59,6 +63,10 @@ class ModelSettings:
             raise InvalidParamsError(f"n_batch and n_ubatch must be >= 1 (got {self.n_batch}, {self.n_ubatch})")
         if self.n_ubatch > self.n_batch:
             raise InvalidParamsError(f"n_ubatch ({self.n_ubatch}) must be <= n_batch ({self.n_batch})")
+        if self.rpc:
+            from .rpc import parse_endpoints
+
+            object.__setattr__(self, "rpc", parse_endpoints(self.rpc))
         for name in (self.cache_type_k, self.cache_type_v):
             if name not in CACHE_TYPES:
                 raise InvalidParamsError(f"unknown cache type {name!r}; one of: {', '.join(CACHE_TYPES)}")
@@ -71,6 +79,9 @@ class ModelSettings:
 ProgressFn = Callable[[int, int], None]  # (tokens done, tokens total)
 
 DEFAULT_MODEL_SETTINGS = ModelSettings()
+RPC_FATAL_HINT = (
+    "an rpc-server of --rpc stopped or lost its connection, and the layers it held with it; restart it and run again"
+)
 DEFAULT_L2KV = L2KVConfig()
 
 
@@ -103,6 +114,8 @@ class L2KVModel:
                 raise InvalidParamsError("share_weights_with needs an open model of the same file and settings")
             self.llm = _SecondContext(base.llm, n_ctx)
         else:
+            if settings.rpc:  # ggml's RPC client aborts on a dead server: one line and exit status 1 instead
+                native().lib.llama_l2kv_exit_on_fatal_error(1, RPC_FATAL_HINT.encode())
             self.llm = self._load_model(path, n_ctx)
         self.n_past = 0  # the next position
         self.n_decoded = 0  # tokens decoded by feed() over the context's life (prompt work done, generation)
@@ -120,7 +133,7 @@ class L2KVModel:
     def _load_model(self, path: Path, n_ctx: int) -> Any:
         settings, lc = self.settings, _lib.llama_cpp()
         try:
-            with _LOAD_LOCK:
+            with _LOAD_LOCK, _model_params(settings):
                 return lc.Llama(
                     model_path=str(path),
                     n_ctx=n_ctx,
@@ -366,6 +379,35 @@ def open_tokenizer(model_path: str | os.PathLike[str]) -> L2KVModel:
 # two loads in two threads interleave those dup2s and can leave the process's stdout and stderr on /dev/null for
 # good (found under ASan, whose timing made it happen every time). One load at a time.
 _LOAD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _model_params(settings: ModelSettings) -> Iterator[None]:
+    """Model parameters llama-cpp-python's Llama does not take (the device list, use_extra_bufts): while it
+    loads, its default model params carry them. The devices (l2kv_cpp.rpc.model_devices: the rpc-servers asked
+    for, then the local GPUs; None = llama.cpp's default) are copied by the load."""
+    from . import rpc
+
+    devices = rpc.model_devices(settings.rpc)
+    if devices is None and settings.repack:
+        yield
+        return
+    lcc = _lib.llama_cpp().llama_cpp
+    default = lcc.llama_model_default_params
+
+    def ours() -> Any:
+        params = default()
+        if devices is not None:
+            params.devices = ctypes.cast(devices, ctypes.c_void_p)
+        params.use_extra_bufts = settings.repack
+        return params
+
+    lcc.llama_model_default_params = ours
+    try:
+        yield
+    finally:
+        lcc.llama_model_default_params = default
+
 
 # save_state's file: magic, version, then the SHA-256 of the state, then the state (llama_state_get_data's bytes)
 _STATE_MAGIC = b"L2KVSTAT"

@@ -47,5 +47,21 @@ set(LLAMA_L2KV_SOURCE_HASH "unknown" CACHE STRING "l2kv-cpp: hash of patches/ an
 set_property(SOURCE ${LLAMA_L2KV_DIR}/src/llama-l2kv.cpp APPEND PROPERTY
     COMPILE_DEFINITIONS LLAMA_L2KV_SOURCE_HASH="${LLAMA_L2KV_SOURCE_HASH}")
 
+# with the RPC backend (GGML_RPC=ON): llama.cpp's rpc-server (tools/rpc, left out by LLAMA_BUILD_TOOLS=OFF) as
+# l2kv-rpc-server, installed beside the wheel's libraries so that it always runs on exactly this ggml
+if (GGML_RPC)
+    add_executable(l2kv-rpc-server ${LLAMA_L2KV_DIR}/../tools/rpc/rpc-server.cpp)
+    target_link_libraries(l2kv-rpc-server PRIVATE ggml)
+    target_compile_features(l2kv-rpc-server PRIVATE cxx_std_17)
+    if (DEFINED SKBUILD_PLATLIB_DIR)
+        install(TARGETS l2kv-rpc-server RUNTIME DESTINATION ${SKBUILD_PLATLIB_DIR}/llama_cpp/lib)
+        if (APPLE)
+            set_target_properties(l2kv-rpc-server PROPERTIES INSTALL_RPATH "@loader_path" BUILD_WITH_INSTALL_RPATH TRUE)
+        else()
+            set_target_properties(l2kv-rpc-server PROPERTIES INSTALL_RPATH "$ORIGIN" BUILD_WITH_INSTALL_RPATH TRUE)
+        endif()
+    endif()
+endif()
+
 include(GNUInstallDirs)
 install(FILES ${LLAMA_L2KV_DIR}/include/llama-l2kv.h DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})

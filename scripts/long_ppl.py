@@ -77,6 +77,16 @@ def _reference(args, path, tokens: list[int]) -> np.ndarray:
     return ref
 
 
+def _print_runs(args, runs: list[tuple[str, np.ndarray]]) -> None:
+    """--reference none: perplexity per bucket of each run."""
+    n = len(runs[0][1])
+    rows = [
+        [f"{s}-{min(s + args.bucket, n)}", *[f"{np.exp(nll[s : s + args.bucket].mean()):.2f}" for _, nll in runs]]
+        for s in range(0, n, args.bucket)
+    ]
+    print(tabulate(rows, headers=["positions", *[name for name, _ in runs]], tablefmt="github"))
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -89,13 +99,15 @@ def main() -> int:
     ap.add_argument("--policies", default="window,key-diff", help="comma-separated policies")
     ap.add_argument("--positions", default="cache", help="comma-separated RoPE positions modes (cache, original)")
     ap.add_argument("--n-sink", type=int, default=4)
+    ap.add_argument("--n-recent", type=int, default=32, help="newest tokens never evicted")
     ap.add_argument("--bucket", type=int, default=2048, help="tokens per table row")
     ap.add_argument(
         "--reference",
-        choices=("window", "full"),
+        choices=("window", "full", "none"),
         default="window",
         help="window: each bucket scored in a fresh full cache holding the --ref-context tokens before it (never "
-        "past the training context); full: one full cache of the whole text beside each run",
+        "past the training context); full: one full cache of the whole text beside each run; none: the runs alone "
+        "(beside a reference logged by an earlier run of the same tokens)",
     )
     ap.add_argument("--ref-context", type=int, default=4096, help="tokens before each bucket in the window reference")
     ap.add_argument("--cache-type", default="f16", help="K/V cache type of the evicting runs (the reference: f16)")
@@ -109,7 +121,8 @@ def main() -> int:
     with open_tokenizer(path) as tok:
         tokens = text_tokens(tok, corpus_text(), args.tokens)
     print(
-        f"{path.name} (training context {n_ctx_train}), {len(tokens)} tokens, n_sink {args.n_sink}, n_batch 256, "
+        f"{path.name} (training context {n_ctx_train}), {len(tokens)} tokens, n_sink {args.n_sink}, n_recent "
+        f"{args.n_recent}, n_batch 256, "
         f"cache type {args.cache_type}"
     )
     t0 = time.time()
@@ -118,7 +131,7 @@ def main() -> int:
         print(f"done in {time.time() - t0:.0f} s")
         return 0
 
-    ref = _reference(args, path, tokens)
+    ref = _reference(args, path, tokens) if args.reference == "window" else None
     print(f"reference: {time.time() - t0:.0f} s", flush=True)
     runs: list[tuple[str, np.ndarray]] = []
     for policy in args.policies.split(","):
@@ -129,6 +142,7 @@ def main() -> int:
                     config = L2KVConfig(
                         kv_budget=budget,
                         n_sink=args.n_sink,
+                        n_recent=args.n_recent,
                         policy=policy,
                         positions=positions,
                         recall=RecallSettings.parse(recall),
@@ -142,6 +156,10 @@ def main() -> int:
                         f", recall {recall}" if recall != "off" else ""
                     )
                     print(f"{label}: {n_ev} evictions, {time.time() - t1:.0f} s", flush=True)
+    if ref is None:
+        _print_runs(args, runs)
+        print(f"done in {time.time() - t0:.0f} s")
+        return 0
     rows = []
     worst = {name: 0.0 for name, _ in runs}
     for start in range(0, len(ref), args.bucket):

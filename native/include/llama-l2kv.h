@@ -23,7 +23,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define LLAMA_L2KV_ABI_VERSION 12
+#define LLAMA_L2KV_ABI_VERSION 13
 
 #ifdef __cplusplus
 extern "C" {
@@ -142,6 +142,12 @@ extern "C" {
     // l2kv functions report theirs through llama_l2kv_last_error, and callers turn failures into messages
     // (llama-cpp-python with verbose off shows the same: warnings only). llama_log_set undoes it
     LLAMA_API void llama_l2kv_log_set_quiet(void);
+
+    // make a fatal ggml error (GGML_ABORT) print one line, "error: <ggml's message> (<file:line>): <hint>", and end
+    // the process with exit_code instead of abort() and a backtrace. For the RPC client: ggml's has no other way to
+    // report an rpc-server that stopped answering. Process-wide; the hint is copied (NULL or "": none);
+    // exit_code 0 restores ggml's default
+    LLAMA_API void llama_l2kv_exit_on_fatal_error(int32_t exit_code, const char * hint);
 
     // whether flash attention is enabled on the context after llama.cpp resolved
     // LLAMA_FLASH_ATTN_TYPE_AUTO (the value the graphs are built with)

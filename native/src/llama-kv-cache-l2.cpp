@@ -25,6 +25,7 @@
 #include <numeric>
 #include <stdexcept>
 #include <thread>
+#include <unordered_map>
 
 //
 // errors
@@ -608,10 +609,62 @@ llm_graph_result * llama_kv_cache_l2::begin_graph(llama_context * lctx) {
     return res;
 }
 
+// Our graphs have no weights, which is what ggml's scheduler places ops by: a reduction over a cache in another
+// backend's memory (an rpc-server's, a GPU's) would run on the CPU after copying the whole cache over. Pin every
+// node that reads such a cache tensor, and every node that reads a pinned one, to the backend holding the cache;
+// only inputs (indices, positions) and outputs (per-key scores) then cross between backends.
+static void llama_l2kv_pin_to_cache_backends(ggml_backend_sched_t sched, ggml_cgraph * gf) {
+    const int n_backends = ggml_backend_sched_get_n_backends(sched);
+    std::unordered_map<const ggml_tensor *, ggml_backend_t> pinned;
+    std::unordered_map<ggml_backend_buffer_type_t, ggml_backend_t> by_buft;
+    auto backend_of_buffer = [&](ggml_backend_buffer_t buf) -> ggml_backend_t {
+        if (buf == nullptr || ggml_backend_buffer_is_host(buf)) {
+            return nullptr; // host memory: the CPU backend, the scheduler's default
+        }
+        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(buf);
+        auto it = by_buft.find(buft);
+        if (it == by_buft.end()) {
+            ggml_backend_t found = nullptr;
+            for (int b = 0; b < n_backends && found == nullptr; ++b) {
+                ggml_backend_t backend = ggml_backend_sched_get_backend(sched, b);
+                if (ggml_backend_supports_buft(backend, buft)) {
+                    found = backend;
+                }
+            }
+            it = by_buft.emplace(buft, found).first;
+        }
+        return it->second;
+    };
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        ggml_tensor * node = ggml_graph_node(gf, i);
+        if (node->buffer != nullptr || (node->view_src != nullptr && node->view_src->buffer != nullptr)) {
+            continue; // a view of a cache tensor: the scheduler places it with its buffer
+        }
+        ggml_backend_t backend = nullptr;
+        for (int j = 0; j < GGML_MAX_SRC && backend == nullptr; ++j) {
+            const ggml_tensor * src = node->src[j];
+            if (src == nullptr) {
+                continue;
+            }
+            auto it = pinned.find(src);
+            if (it != pinned.end()) {
+                backend = it->second;
+            } else {
+                backend = backend_of_buffer(src->view_src != nullptr ? src->view_src->buffer : src->buffer);
+            }
+        }
+        if (backend != nullptr && ggml_backend_supports_op(backend, node)) {
+            pinned[node] = backend;
+            ggml_backend_sched_set_tensor_backend(sched, node, backend);
+        }
+    }
+}
+
 bool llama_kv_cache_l2::run_graph(llama_context * lctx, llm_graph_result * res,
         std::unique_ptr<llm_graph_input_i> inp, const char * what) {
     auto * gf = res->get_gf();
     res->add_input(std::move(inp));
+    llama_l2kv_pin_to_cache_backends(lctx->get_sched(), gf);
     if (!ggml_backend_sched_alloc_graph(lctx->get_sched(), gf)) {
         llama_l2kv_error("%s: failed to allocate the %s graph\n", __func__, what);
         return false;
@@ -898,6 +951,9 @@ int32_t llama_kv_cache_l2::read_key_cosines(llama_context * lctx, uint32_t ikv, 
 }
 
 bool llama_kv_cache_l2::evict(llama_context * lctx) {
+    // an asynchronous backend (an rpc-server, a GPU) may still be computing the last ubatch: wait here, so that
+    // the eviction's times are its own (its first read would wait anyway)
+    ggml_backend_sched_synchronize(lctx->get_sched());
     const int64_t t_start_us = ggml_time_us();
 
     auto & cells = kv.v_cells[0];
@@ -1136,6 +1192,7 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
         }
         n_rotated_rows += n_rot;
     }
+    ggml_backend_sched_synchronize(lctx->get_sched()); // the moves and rotations of an asynchronous backend
     const int64_t t_rotate_end_us = ggml_time_us();
 
     // cells [0, n_keep) now hold the kept entries of every (layer, head): give them virtual positions

@@ -38,7 +38,8 @@ bool llama_kv_cache_l2::can_rotate() const {
 int32_t llama_kv_cache_l2::rope_limit_for() const {
     const int32_t strict = (int32_t) (params.kv_budget + n_slack);
     const auto * k = kv.layers[0].k;
-    if (!ggml_is_quantized(k->type) || getenv("LLAMA_L2KV_ROPE_STRICT") != nullptr) {
+    const bool lazy_f = getenv("LLAMA_L2KV_ROPE_LAZY") != nullptr; // A/B: the lazy rule for float K too
+    if ((!ggml_is_quantized(k->type) && !lazy_f) || getenv("LLAMA_L2KV_ROPE_STRICT") != nullptr) {
         return strict;
     }
     // a quantized key drifts by up to half a quantization step at each re-rotation (q4_0: an eighth of its

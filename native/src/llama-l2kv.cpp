@@ -15,7 +15,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 // set by native/l2kv.cmake from the build script: a hash of patches/ + native/
@@ -64,6 +67,39 @@ static void llama_l2kv_log_quiet(enum ggml_log_level level, const char * text, v
 
 void llama_l2kv_log_set_quiet(void) {
     llama_log_set(llama_l2kv_log_quiet, nullptr);
+}
+
+static int32_t g_fatal_exit_code = 0;
+static char    g_fatal_hint[512];
+
+// ggml_abort's callback: message is "path/file.cpp:line: text"; abort() follows unless the process ends here
+static void llama_l2kv_on_fatal_error(const char * message) {
+    const char * text = strstr(message, ": ");
+    std::string where(message, text != nullptr ? (size_t) (text - message) : 0);
+    const size_t slash = where.find_last_of("/\\");
+    if (slash != std::string::npos) {
+        where = where.substr(slash + 1);
+    }
+    std::string line(text != nullptr ? text + 2 : message);
+    while (!line.empty() && (line.back() == '\n' || line.back() == ' ')) {
+        line.pop_back();
+    }
+    std::string out = "error: " + line;
+    if (!where.empty()) {
+        out += " (" + where + ")";
+    }
+    if (g_fatal_hint[0] != '\0') {
+        out += std::string(": ") + g_fatal_hint;
+    }
+    fprintf(stderr, "%s\n", out.c_str());
+    fflush(stderr);
+    std::_Exit(g_fatal_exit_code);
+}
+
+void llama_l2kv_exit_on_fatal_error(int32_t exit_code, const char * hint) {
+    snprintf(g_fatal_hint, sizeof(g_fatal_hint), "%s", hint != nullptr ? hint : "");
+    g_fatal_exit_code = exit_code;
+    ggml_set_abort_callback(exit_code != 0 ? llama_l2kv_on_fatal_error : nullptr);
 }
 
 int32_t llama_l2kv_get_flash_attn(const struct llama_context * ctx, bool * out) {
