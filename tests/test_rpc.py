@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import random_tokens
 
 from l2kv_cpp import cache, rpc
 from l2kv_cpp.config import L2KVConfig
@@ -22,9 +23,7 @@ from l2kv_cpp.recall import RecallSettings
 from l2kv_cpp.rpc_testing import LocalServers, TrafficCounter, _free_port
 from l2kv_cpp.session import L2KVModel, ModelSettings
 
-from conftest import random_tokens
-
-needs_rpc = pytest.mark.skipif(not rpc.supported(), reason="libllama built with --no-rpc (test_default_build_has_rpc fails)")
+needs_rpc = pytest.mark.skipif(not rpc.supported(), reason="built with --no-rpc (test_default_build_has_rpc fails)")
 
 
 def test_default_build_has_rpc() -> None:
