@@ -167,19 +167,6 @@ def model_devices(endpoints: Sequence[str]) -> Any | None:
     return (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
 
 
-def describe(endpoints: Sequence[str]) -> list[str]:
-    """'RPC0 (host:port): 1234 MiB free of 5678 MiB' per device of the servers."""
-    g = _ggml()
-    out = []
-    for ep in endpoints:
-        for dev in server_devices(ep):
-            free, total = ctypes.c_size_t(), ctypes.c_size_t()
-            g.lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-            name = g.lib.ggml_backend_dev_name(dev).decode()
-            out.append(f"{name} ({ep}): {free.value >> 20} MiB free of {total.value >> 20} MiB")
-    return out
-
-
 SERVER_PROGRAM = "l2kv-rpc-server"  # native/l2kv.cmake installs it beside the wheel's libraries
 
 
