@@ -72,8 +72,10 @@ def _library_checks() -> Iterator[Check]:
         )
     sysinfo = llama_cpp.llama_print_system_info().decode(errors="replace")
     backends = backend_names(sysinfo)
-    gpu = bool(llama_cpp.llama_supports_gpu_offload())
-    yield Check("backends", OK, f"{', '.join(backends) or '?'} (GPU offload: {'yes' if gpu else 'no'})")
+    from .rpc import local_gpu_names
+
+    gpus = local_gpu_names()
+    yield Check("backends", OK, f"{', '.join(backends) or '?'} (local GPUs for -ngl: {', '.join(gpus) or 'none'})")
     yield _rpc_check()
     yield _flash_attn_check(nat)
 

@@ -106,11 +106,14 @@ class _Ggml:
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
         self.lib = lib
-        reg = lib.ggml_backend_reg_by_name(b"RPC")
-        add = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_add_server") if reg else None
+
+    def add_server(self, endpoint: str) -> int | None:
+        """The RPC backend's registry for one server (ggml_backend_rpc_add_server, found at run time)."""
+        reg = self.lib.ggml_backend_reg_by_name(b"RPC")
+        add = self.lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_add_server") if reg else None
         if not add:
             raise RpcError(f"this libllama has no RPC backend: {BUILD_HINT} (without --no-rpc)")
-        self.add_server = ctypes.CFUNCTYPE(vp, cp)(add)
+        return ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(add)(endpoint.encode())
 
     def is_rpc(self, dev: int) -> bool:
         return self.lib.ggml_backend_reg_name(self.lib.ggml_backend_dev_backend_reg(dev)) == b"RPC"
@@ -136,19 +139,26 @@ _DEVICES: dict[str, list[int]] = {}  # endpoint -> its registered devices (ggml 
 def _ggml() -> _Ggml:
     global _GGML
     if _GGML is None:
-        if not supported():
-            raise RpcError(f"this libllama was built without RPC (GGML_RPC): {BUILD_HINT} (without --no-rpc)")
         _GGML = _Ggml()
     return _GGML
+
+
+def local_gpu_names() -> list[str]:
+    """The local devices -ngl offloads to without --rpc (doctor: llama_supports_gpu_offload is also true
+    for a build that merely has the RPC backend)."""
+    g = _ggml()
+    return [g.lib.ggml_backend_dev_description(dev).decode(errors="replace") for dev in g.local_accelerators()]
 
 
 def server_devices(endpoint: str) -> list[int]:
     """The ggml devices of one server, registered on first use (after checking that it answers)."""
     with _LOCK:
         if endpoint not in _DEVICES:
+            if not supported():
+                raise RpcError(f"this libllama was built without RPC (GGML_RPC): {BUILD_HINT} (without --no-rpc)")
             g = _ggml()
             check_reachable(endpoint)
-            reg = g.add_server(endpoint.encode())
+            reg = g.add_server(endpoint)
             if not reg:
                 raise RpcError(f"the rpc-server at {endpoint} reports no devices")
             g.lib.ggml_backend_register(reg)

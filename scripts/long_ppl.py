@@ -28,6 +28,7 @@ from tabulate import tabulate
 
 from l2kv_cpp._ffi import native
 from l2kv_cpp.config import L2KVConfig
+from l2kv_cpp.errors import L2KVError
 from l2kv_cpp.eval.niah import corpus_text
 from l2kv_cpp.eval.perplexity import run_perplexity, streaming_nll, text_tokens, windowed_reference_nll
 from l2kv_cpp.gguf_file import read_gguf
@@ -116,7 +117,11 @@ def main() -> int:
     args = ap.parse_args()
     native().set_log(verbose=False)
 
-    path = resolve_model(args.model)
+    try:
+        path = resolve_model(args.model)
+    except L2KVError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     n_ctx_train = read_gguf(path).n_ctx_train
     with open_tokenizer(path) as tok:
         tokens = text_tokens(tok, corpus_text(), args.tokens)

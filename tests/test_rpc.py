@@ -119,13 +119,15 @@ def test_split_equals_local_smollm2_with_recall(smollm2_path, servers) -> None:
 
 
 @needs_rpc
-def test_eviction_moves_no_kv_through_the_client(smollm2_path, servers) -> None:
+@pytest.mark.parametrize("recall", ["off", "lexical:128"])
+def test_eviction_moves_no_kv_through_the_client(smollm2_path, servers, recall) -> None:
     """Per eviction, the bytes between client and servers are a fraction of the K/V rows the servers' layers
-    moved: a compaction through the client would send and receive every one of them."""
-    config = L2KVConfig(kv_budget=512, recall=RecallSettings.parse("off"))
+    moved: a compaction through the client would send and receive every one of them. With recall, the archive
+    receives the dropped rows and nothing else (they are gathered on the servers)."""
+    config = L2KVConfig(kv_budget=512, recall=RecallSettings.parse(recall))
     tokens = random_tokens(512 + 128 * 4, seed=5, low=100, high=20000)
     relays = [TrafficCounter(ep) for ep in servers]
-    sent, received, moved = [], [], []
+    sent, received, moved, archived = [], [], [], []
     try:
         settings = ModelSettings(n_batch=128, n_ubatch=128, rpc=tuple(r.endpoint for r in relays), n_gpu_layers=20)
         with L2KVModel(smollm2_path, settings, config) as m:
@@ -141,15 +143,23 @@ def test_eviction_moves_no_kv_through_the_client(smollm2_path, servers) -> None:
                 received.append(sum(r.since(b)[1] for r, b in zip(relays, before, strict=True)))
                 # SmolLM2: 30 layers, head size 64, f16: K + V of one (layer, cell, head) row = 256 bytes
                 moved.append((st.n_moved_rows - st0.n_moved_rows) * 20 / 30 * 256)
+                # an archived entry: K + V + its key norm, per head, on the servers' 20 layers (3 KV heads)
+                archived.append((st.n_dropped - st0.n_dropped) * 20 * 3 * (256 + 4))
     finally:
         for r in relays:
             r.close()
     # (medians: an eviction may also re-allocate the servers' compute buffers)
-    sent_m, received_m, moved_m = (float(np.median(x)) for x in (sent, received, moved))
+    sent_m, received_m, moved_m, archived_m = (float(np.median(x)) for x in (sent, received, moved, archived))
     assert moved_m > 500_000
-    # back: per-key scores (4 bytes per key and head, against 256 of K + V); out: the graphs' descriptions, the
-    # move indices and the positions deltas. Through the client, each way would carry at least moved_on_servers
-    assert received_m < moved_m / 3, (received, moved)
+    # back: per-key scores (4 bytes per key and head, against 256 of K + V) and the archived rows; out: the graphs'
+    # descriptions, the move indices and the positions deltas. Through the client, each way would carry at least
+    # moved_on_servers; reading whole caches for the archive, received would be several times archived
+    if recall == "off":
+        assert received_m < moved_m / 3, (received, moved)
+    else:
+        assert archived_m > 200_000
+        # (measured: 2.5 MB received for 2.0 MB archived; the whole span of cells would be about 10 MB)
+        assert archived_m < received_m < 1.25 * archived_m + moved_m / 3, (received, archived, moved)
     assert sent_m < moved_m * 3 / 4, (sent, moved)
 
 

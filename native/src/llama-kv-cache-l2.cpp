@@ -674,6 +674,9 @@ bool llama_kv_cache_l2::run_graph(llama_context * lctx, llm_graph_result * res,
         llama_l2kv_error("%s: failed to compute the %s graph\n", __func__, what);
         return false;
     }
+    // the compute may still run on an asynchronous backend's stream (CUDA), and the outputs are read with
+    // ggml_backend_tensor_get, which does not wait for it
+    ggml_backend_sched_synchronize(lctx->get_sched());
     return true;
 }
 
@@ -1081,18 +1084,10 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
         }
     });
 
-    // the dropped entries go to the archive before the compaction overwrites them (through the backend,
-    // one layer after the other, when the cache is not in host memory)
-    if (archive_on) {
-        bool on_host = true;
-        for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
-            for (const ggml_tensor * t : { k_rows[ikv], v_rows[ikv], kn_rows[ikv] }) {
-                on_host = on_host && ggml_backend_buffer_is_host(t->buffer);
-            }
-        }
-        llama_l2kv_parallel_for(n_layer, on_host ? n_threads(lctx) : 1, [&](uint32_t ikv) {
-            archive_dropped(ikv, dropped[ikv]);
-        });
+    // the dropped entries go to the archive before the compaction overwrites them
+    if (archive_on && !archive_dropped(lctx, dropped)) {
+        failed = true;
+        return false;
     }
     filler.clear();
     const int64_t t_rank_end_us = ggml_time_us();

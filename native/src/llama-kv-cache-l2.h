@@ -301,7 +301,11 @@ struct llama_kv_cache_l2 {
         int32_t  pos;
         int32_t  rot; // its RoPE position
     };
-    void archive_dropped(uint32_t ikv, const std::vector<dropped_entry> & dropped);
+    // in host memory: read in place (layers in parallel); elsewhere (CUDA, Metal, RPC): one graph gathers only the
+    // dropped rows of every such layer on its backend, so an eviction reads back what it archives, not whole caches
+    bool archive_dropped(llama_context * lctx, const std::vector<std::vector<dropped_entry>> & dropped);
+    void archive_rows(uint32_t ikv, const std::vector<dropped_entry> & dropped, const uint8_t * const base[3],
+            const std::vector<size_t> & row_of); // row_of[j]: dropped[j]'s row in base
 
     // the first half of a recall: with the cache compacted to exactly kv_budget cells, put the archived
     // entries of `spans` back into cells [kv_budget, kv_budget + R) of every (layer, group) that holds

@@ -23,6 +23,7 @@
 #include "llama-kv-cache.h"
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 
 // memory the host can read and write in place (LLAMA_L2KV_FORCE_GRAPHS takes the backend path, for tests)
@@ -66,37 +67,90 @@ bool llama_kv_cache_l2::archive_start(bool on_disk, uint64_t max_bytes) {
     return archive_on;
 }
 
-void llama_kv_cache_l2::archive_dropped(uint32_t ikv, const std::vector<dropped_entry> & dropped) {
-    if (dropped.empty()) {
-        return;
+bool llama_kv_cache_l2::archive_dropped(llama_context * lctx, const std::vector<std::vector<dropped_entry>> & dropped) {
+    auto tensors_of = [&](uint32_t ikv) {
+        return std::array<const ggml_tensor *, 3>{ k_rows[ikv], v_rows[ikv], kn_rows[ikv] };
+    };
+    std::vector<uint32_t> host_layers;
+    std::vector<uint32_t> graph_layers;
+    for (uint32_t ikv = 0; ikv < n_layer(); ++ikv) {
+        if (dropped[ikv].empty()) {
+            continue;
+        }
+        const auto t = tensors_of(ikv);
+        const bool on_host = std::all_of(t.begin(), t.end(), [](const ggml_tensor * x) { return llama_l2kv_in_place(x); });
+        (on_host ? host_layers : graph_layers).push_back(ikv);
     }
-    const uint32_t ng = n_group(ikv);
-    // the rows of the cells the dropped entries span, read once per tensor (in place on the host)
-    uint32_t c0 = UINT32_MAX;
-    uint32_t c1 = 0;
-    for (const auto & d : dropped) {
-        c0 = std::min(c0, d.cell);
-        c1 = std::max(c1, d.cell + 1);
+
+    llama_l2kv_parallel_for(host_layers.size(), n_threads(lctx), [&](uint32_t j) {
+        const uint32_t ikv = host_layers[j];
+        const uint32_t ng  = n_group(ikv);
+        const auto     t   = tensors_of(ikv);
+        const uint8_t * base[3] = { (const uint8_t *) t[0]->data, (const uint8_t *) t[1]->data, (const uint8_t *) t[2]->data };
+        std::vector<size_t> row_of(dropped[ikv].size());
+        for (size_t i = 0; i < row_of.size(); ++i) {
+            row_of[i] = (size_t) dropped[ikv][i].cell*ng + dropped[ikv][i].group;
+        }
+        archive_rows(ikv, dropped[ikv], base, row_of);
+    });
+    if (graph_layers.empty()) {
+        return true;
     }
-    const uint32_t r0 = c0*ng;
-    const uint32_t nr = (c1 - c0)*ng;
-    const ggml_tensor * tensors[3] = { k_rows[ikv], v_rows[ikv], kn_rows[ikv] };
-    const uint8_t * base[3];
-    std::vector<uint8_t> staged[3];
-    for (int i = 0; i < 3; ++i) {
-        const ggml_tensor * t = tensors[i];
-        if (llama_l2kv_in_place(t)) {
-            base[i] = (const uint8_t *) t->data + (size_t) r0*t->nb[1];
-        } else {
-            staged[i].resize((size_t) nr*t->nb[1]);
-            rows_get(t, r0, nr, staged[i].data());
-            base[i] = staged[i].data();
+
+    // the dropped rows, gathered on each layer's backend (get_rows on the F32 aliases copies the bytes) and
+    // read back once per tensor
+    llm_graph_result * res = begin_graph(lctx);
+    auto * ctx = res->get_ctx();
+    auto * gf  = res->get_gf();
+    auto inp = std::make_unique<llm_graph_input_l2_moves>();
+    std::vector<std::array<ggml_tensor *, 3>> out(graph_layers.size());
+    for (size_t j = 0; j < graph_layers.size(); ++j) {
+        const uint32_t ikv = graph_layers[j];
+        const uint32_t ng  = n_group(ikv);
+        std::vector<int32_t> rows(dropped[ikv].size());
+        for (size_t i = 0; i < rows.size(); ++i) {
+            rows[i] = (int32_t) (dropped[ikv][i].cell*ng + dropped[ikv][i].group);
+        }
+        ggml_tensor * idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, (int64_t) rows.size());
+        ggml_set_input(idx);
+        inp->src.emplace_back(idx, std::move(rows));
+        const auto t = tensors_of(ikv);
+        for (int i = 0; i < 3; ++i) {
+            out[j][i] = ggml_get_rows(ctx, const_cast<ggml_tensor *>(t[i]), idx);
+            ggml_set_output(out[j][i]);
+            ggml_build_forward_expand(gf, out[j][i]);
         }
     }
-    for (const auto & d : dropped) {
-        const size_t r = (size_t) d.cell*ng + d.group - r0;
-        if (!archive.add(ikv, d.group, d.pos, d.rot, base[0] + r*tensors[0]->nb[1], base[1] + r*tensors[1]->nb[1],
-                base[2] + r*tensors[2]->nb[1]) && !archive_write_failed) {
+    if (!run_graph(lctx, res, std::move(inp), "archive gather")) {
+        return false;
+    }
+    for (size_t j = 0; j < graph_layers.size(); ++j) {
+        const uint32_t ikv = graph_layers[j];
+        const size_t   n   = dropped[ikv].size();
+        std::vector<uint8_t> staged[3];
+        const uint8_t * base[3];
+        for (int i = 0; i < 3; ++i) {
+            staged[i].resize(ggml_nbytes(out[j][i]));
+            ggml_backend_tensor_get(out[j][i], staged[i].data(), 0, staged[i].size());
+            base[i] = staged[i].data();
+        }
+        std::vector<size_t> row_of(n);
+        for (size_t i = 0; i < n; ++i) {
+            row_of[i] = i;
+        }
+        archive_rows(ikv, dropped[ikv], base, row_of);
+    }
+    return true;
+}
+
+void llama_kv_cache_l2::archive_rows(uint32_t ikv, const std::vector<dropped_entry> & dropped,
+        const uint8_t * const base[3], const std::vector<size_t> & row_of) {
+    const size_t nb[3] = { k_rows[ikv]->nb[1], v_rows[ikv]->nb[1], kn_rows[ikv]->nb[1] };
+    for (size_t j = 0; j < dropped.size(); ++j) {
+        const auto & d = dropped[j];
+        const size_t r = row_of[j];
+        if (!archive.add(ikv, d.group, d.pos, d.rot, base[0] + r*nb[0], base[1] + r*nb[1], base[2] + r*nb[2]) &&
+                !archive_write_failed) {
             archive_write_failed = true; // (the entry is lost, as without an archive)
             LLAMA_LOG_WARN("%s: cannot write to the archive's temporary file (disk full?): evicted entries are "
                     "lost from now on\n", __func__);
