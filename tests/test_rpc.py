@@ -209,3 +209,23 @@ def test_cli_rpc_option_errors(tiny_model) -> None:
 
     res = CliRunner().invoke(main, ["run", str(tiny_model), "-p", "hi", "--rpc", "nohost"])
     assert res.exit_code == 1 and "--rpc: 'nohost' is not HOST:PORT" in res.output
+
+
+@needs_rpc
+def test_serve_with_rpc_answers_like_local(tiny_model, servers) -> None:
+    from test_serve import Server
+
+    prompt = " ".join(f"word{i}" for i in range(150))  # past the budget of 64: the prompt evicts
+    args = ("-np", "1", "--kv-budget", "64", "-b", "32", "-ub", "32")
+    texts = []
+    for extra in ((), ("--rpc", ",".join(servers))):
+        server = Server(tiny_model, *args, *extra)
+        try:
+            r = server.client().completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0)
+            texts.append(r.choices[0].text)
+            kv = r.model_extra["l2kv"]
+            assert kv["evictions"] > 0 and kv["cells"] <= kv["kv_budget"] + 32
+        finally:
+            out = server.stop()
+        assert server.proc.returncode == 0, out
+    assert texts[0] == texts[1] and texts[0]
