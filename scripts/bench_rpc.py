@@ -11,7 +11,8 @@ model and recall setting, in one run:
     library's ms, the bytes client -> servers and servers -> client, and the K/V bytes the compaction moved
     inside the servers' layers (what one trip through the client would cost, each way);
   - decode tokens/s, one token at a time past the budget (evictions included), local and split.
-With recall on, the archive (host RAM of the client) receives the evicted rows: that traffic is by design.
+With recall on, the archive (host RAM of the client) receives the evicted rows, gathered on the servers: that
+traffic is by design (its own column).
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def head_row_bytes(path: Path) -> int:
     return 2 * 2 * int(head)
 
 
+def n_head_kv(path: Path) -> int:
+    gg = read_gguf(path)
+    return int(gg.arch_value("attention.head_count_kv", 0) or gg.arch_value("attention.head_count", 1))
+
+
 def run(path: Path, rpc: tuple[str, ...], relays: list[TrafficCounter], args, recall: str) -> dict[str, float]:
     n_layer = read_gguf(path).arch_value("block_count", 0)
     ngl = (2 * n_layer) // 3 if rpc else 0
@@ -58,8 +64,9 @@ def run(path: Path, rpc: tuple[str, ...], relays: list[TrafficCounter], args, re
     with L2KVModel(path, settings, config) as m:
         m.feed(toks[: args.budget])
         pos = args.budget
-        ms, sent, received, moved = [], [], [], []
+        ms, sent, received, moved, archived = [], [], [], [], []
         row = head_row_bytes(path)
+        nh = n_head_kv(path)
         for _ in range(args.events):
             m.feed(toks[pos : pos + 128])
             pos += 128
@@ -73,6 +80,8 @@ def run(path: Path, rpc: tuple[str, ...], relays: list[TrafficCounter], args, re
             received.append(sum(d[1] for d in deltas))
             # the moved (layer, cell, head) rows of the servers' layers (their share of the layers), K + V bytes
             moved.append((st.n_moved_rows - st0.n_moved_rows) * ngl / n_layer * row)
+            # with recall: the dropped entries of the servers' layers, K + V + the key norm per head
+            archived.append((st.n_dropped - st0.n_dropped) * ngl * nh * (row + 4) if recall != "off" else 0)
         t0 = time.perf_counter()
         ev0 = m.stats().n_evictions
         for i in range(args.decode):
@@ -84,6 +93,7 @@ def run(path: Path, rpc: tuple[str, ...], relays: list[TrafficCounter], args, re
         "sent": float(np.median(sent)),
         "received": float(np.median(received)),
         "moved": float(np.median(moved)),
+        "archived": float(np.median(archived)),
         "tps": args.decode / dt,
         "decode_evictions": n_ev,
     }
@@ -120,6 +130,7 @@ def main() -> int:
                                 f"{r['sent'] / 1024:.0f}" if where != "local" else "",
                                 f"{r['received'] / 1024:.0f}" if where != "local" else "",
                                 f"{r['moved'] / 1024:.0f}" if where != "local" else "",
+                                f"{r['archived'] / 1024:.0f}" if where != "local" else "",
                                 f"{r['tps']:.1f}",
                                 r["decode_evictions"],
                             ]
@@ -136,6 +147,7 @@ def main() -> int:
         "KiB sent / eviction",
         "KiB received / eviction",
         "K/V KiB moved on the servers",
+        "KiB archived from the servers",
         "decode t/s",
         "evictions in decode",
     ]

@@ -79,3 +79,19 @@ def test_bench_recall_prints_every_setting_and_turn(tiny_model):
     off, on = rows[:3], rows[3:]
     assert all(float(r[2]) == 0 and float(r[6]) == 0 for r in off)  # no recall, no archive
     assert all(float(r[6]) > 0 for r in on)  # the archive holds what the document lost
+
+
+def test_bench_rpc_prints_local_and_split_rows(tiny_model):
+    out = _run(
+        "bench_rpc.py", "--models", str(tiny_model), "--budget", "64", "--batch", "32", "--events", "2",
+        "--decode", "40", "--recall", "off,lexical", "--server-threads", "1",
+    )  # fmt: skip
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
+    rows = [r for r in rows if r[0] == str(tiny_model)]
+    assert [(r[1], r[2]) for r in rows] == [
+        ("off", "local"), ("off", "2 rpc-servers"), ("lexical", "local"), ("lexical", "2 rpc-servers"),
+    ]  # fmt: skip
+    split_off, split_recall = rows[1], rows[3]
+    assert float(split_off[4]) > 0 and float(split_off[5]) > 0  # bytes counted both ways
+    assert float(split_off[7]) == 0 < float(split_recall[7])  # archived only with recall
+    assert all(int(r[-1]) >= 1 for r in rows)  # 40 decoded tokens past a budget of 64 + slack 32 evict

@@ -54,14 +54,16 @@ def test_generation_far_past_the_buffer_is_bounded_and_matches_windowed_referenc
 
 
 @pytest.mark.parametrize("positions", ["original", "cache"])
-def test_window_eviction_equals_dropping_the_same_tokens_in_a_stock_cache(tmp_path, positions):
+def test_window_eviction_equals_dropping_the_same_tokens_in_a_stock_cache(tmp_path, monkeypatch, positions):
     """The whole machinery (moves, virtual positions, mask, re-rotation) against stock llama.cpp: with the
     window policy, eviction keeps the sinks and the newest tokens in every layer; removing exactly those
     positions with seq_rm from a stock cache at the same moments must give the same logits, up to the
     summation-order noise of the model, which the test measures itself: the same stock run with a
     different batch size (f32 weights and cache, so nothing else differs). With the positions in the cache
     the stock run does llama.cpp's own context shift (seq_rm, then seq_add, whose K-shift graph re-rotates
-    the kept keys): StreamingLLM's rule computed by someone else's code path."""
+    the kept keys): StreamingLLM's rule computed by someone else's code path, renumbering at every eviction as
+    the context shift does (LLAMA_L2KV_ROPE_STRICT)."""
+    monkeypatch.setenv("LLAMA_L2KV_ROPE_STRICT", "1")
     from l2kv_cpp.tiny_model import TinyModelConfig, write_tiny_model
 
     model = write_tiny_model(tmp_path / "f32.gguf", TinyModelConfig(weight_type="f32", seed=3))

@@ -60,11 +60,11 @@ extern "C" {
         LLAMA_L2KV_POSITIONS_ORIGINAL = 0, // every key keeps the rotation of its position in the text: distances to old
                                            // keys grow without bound, past anything the model was trained on
         LLAMA_L2KV_POSITIONS_CACHE    = 1, // StreamingLLM's rule: each (layer, KV head) renumbers its kept keys 0..n-1 in
-                                           // the order of their positions and re-rotates K; new tokens continue from n,
-                                           // so RoPE positions stay below kv_budget + n_slack at any length (the
-                                           // positions callers pass, masks and recall keep the text's positions);
-                                           // a quantized K cache (whose re-rotation requantizes) renumbers only when
-                                           // positions would pass min(4 (kv_budget + n_slack), n_ctx_train / 2)
+                                           // the order of their positions and re-rotates K; new tokens continue from n
+                                           // (the positions callers pass, masks and recall keep the text's positions).
+                                           // Each re-rotation rounds a key again, so it renumbers only when positions
+                                           // would pass max(kv_budget + n_slack, min(4 (kv_budget + n_slack),
+                                           // n_ctx_train / 2)): RoPE positions stay below that at any length
     };
 
     struct llama_l2kv_params {

@@ -1155,9 +1155,9 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
 
     // 4. RoPE positions: with rope_cache the kept keys of every (layer, head) become 0..n_keep-1 in the order of
     //    their true positions and the next token n_keep; K rows whose rotation changes are re-rotated (none
-    //    while keys keep their original positions, so that mode runs exactly what it ran before)
-    //    (a quantized K cache renumbers only when its positions would pass rope_limit before the next eviction:
-    //    each re-rotation requantizes; rows a recall put back are always renumbered)
+    //    while keys keep their original positions, so that mode runs exactly what it ran before); renumbered only
+    //    when positions would pass rope_limit before the next eviction (each re-rotation rounds the key again);
+    //    rows a recall put back are always renumbered
     const bool renumber = !rope_cache || pending_renumber_now ||
             (int64_t) pos_last + 1 - pos_delta + n_slack > (int64_t) rope_limit;
     std::vector<std::vector<int32_t>> new_rpos = renumber ? target_rope_positions(new_tpos, n_keep, n_threads(lctx)) : old_rpos;

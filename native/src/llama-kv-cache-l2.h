@@ -18,7 +18,8 @@
 //   in a host table;
 // - RoPE positions (llama-l2kv-positions.cpp): with LLAMA_L2KV_POSITIONS_CACHE an eviction renumbers the
 //   kept keys of every (layer, head) 0..T-1 in the order of their true positions and re-rotates K by the
-//   difference (llama.cpp's K-shift, per row); new tokens are rotated to their position minus pos_delta
+//   difference (llama.cpp's K-shift, per row) when positions would pass rope_limit; new tokens are rotated
+//   to their position minus pos_delta
 //   (the hook in llm_graph_input_pos), so RoPE distances stay inside the cache while the positions
 //   callers pass, the cells and the masks keep the text's positions.
 
@@ -176,8 +177,8 @@ struct llama_kv_cache_l2 {
     bool rope_cache = false; // LLAMA_L2KV_POSITIONS_CACHE in effect (asked for, and the model's keys can be shifted)
 
     // an eviction renumbers the kept keys only when the RoPE positions could otherwise pass this before the next
-    // one: kv_budget + n_slack (every eviction) for an exact K cache; more for a quantized one, whose re-rotation
-    // requantizes (see rope_limit_for)
+    // one: min(4 (kv_budget + n_slack), n_ctx_train / 2), at least kv_budget + n_slack (every eviction): each
+    // re-rotation rounds the key again (see rope_limit_for)
     int32_t rope_limit = 0;
 
     // the sliding-window cache of an iSWA model (nullptr otherwise): its K rows follow pos_delta too, since
