@@ -135,12 +135,12 @@ def memory_rows(info: ModelInfo, budget_cells: int, n_ubatch: int) -> list[list[
 def rope_positions_line(positions: Positions, n_ctx_train: int, max_cells: int) -> str:
     """What `info` says about RoPE distances with eviction: bounded by the cache, or growing with the text."""
     if positions == Positions.CACHE:
-        ok = "inside" if max_cells <= n_ctx_train else "PAST"
-        lazy = max(max_cells, min(4 * max_cells, n_ctx_train // 2))
+        # (llama-l2kv-positions.cpp, rope_limit_for: each re-rotation rounds a key again, so renumber seldom)
+        limit = max(max_cells, min(4 * max_cells, n_ctx_train // 2)) if n_ctx_train > 0 else max_cells
+        ok = "inside" if limit <= n_ctx_train else "PAST"
         return (
-            f"cache: kept keys renumbered after each eviction, positions < {max_cells} at any length "
-            f"({ok} the {n_ctx_train}-token training context; a quantized K cache renumbers less often, "
-            f"positions < {lazy})"
+            f"cache: kept keys renumbered inside the cache when positions would pass {limit}, so positions < "
+            f"{limit} at any length ({ok} the {n_ctx_train}-token training context)"
         )
     return (
         f"original: keys keep their positions in the text, so past {n_ctx_train} tokens the model sees "
