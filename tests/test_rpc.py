@@ -229,3 +229,26 @@ def test_serve_with_rpc_answers_like_local(tiny_model, servers) -> None:
             out = server.stop()
         assert server.proc.returncode == 0, out
     assert texts[0] == texts[1] and texts[0]
+
+
+@needs_rpc
+def test_smollm2_over_rpc_answers_as_llama_cpp_python(smollm2_path, servers) -> None:
+    """Someone else's code path: every layer on the rpc-servers, a budget larger than the conversation, and
+    the greedy answer is llama-cpp-python's create_chat_completion on the local CPU."""
+    from llama_cpp import Llama
+
+    question = "What is the capital of France? Answer in one word."
+    llm = Llama(str(smollm2_path), n_ctx=2048, flash_attn=True, verbose=False)
+    try:
+        ref = llm.create_chat_completion(
+            messages=[{"role": "user", "content": question}], temperature=0, max_tokens=24
+        )["choices"][0]["message"]["content"]
+    finally:
+        llm.close()
+    args = [sys.executable, "-m", "l2kv_cpp.cli", "run", str(smollm2_path), "-p", question, "-n", "24", "--json"]
+    args += ["--temp", "0", "--kv-budget", "1024", "--rpc", ",".join(servers)]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    import json
+
+    assert json.loads(res.stdout)["text"] == ref and ref
