@@ -30,7 +30,7 @@ from tabulate import tabulate  # noqa: E402
 
 from l2kv_cpp import cache  # noqa: E402
 from l2kv_cpp.config import L2KVConfig  # noqa: E402
-from l2kv_cpp.gguf_file import read_gguf  # noqa: E402
+from l2kv_cpp.gguf_file import GGUFFile, read_gguf  # noqa: E402
 from l2kv_cpp.models import resolve_model  # noqa: E402
 from l2kv_cpp.recall import RecallSettings  # noqa: E402
 from l2kv_cpp.rpc_testing import LocalServers, TrafficCounter  # noqa: E402
@@ -40,33 +40,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_eviction import synthetic_model  # noqa: E402
 
 
-def head_row_bytes(path: Path) -> int:
+def head_row_bytes(gg: GGUFFile) -> int:
     """K + V bytes of one (layer, cell, KV head) entry in an f16 cache: what n_moved_rows counts."""
-    gg = read_gguf(path)
     head = gg.arch_value("attention.key_length", 0) or gg.arch_value("embedding_length", 0) // gg.arch_value(
         "attention.head_count", 1
     )
     return 2 * 2 * int(head)
 
 
-def n_head_kv(path: Path) -> int:
-    gg = read_gguf(path)
+def n_head_kv(gg: GGUFFile) -> int:
     return int(gg.arch_value("attention.head_count_kv", 0) or gg.arch_value("attention.head_count", 1))
 
 
 def run(path: Path, rpc: tuple[str, ...], relays: list[TrafficCounter], args, recall: str) -> dict[str, float]:
-    n_layer = read_gguf(path).arch_value("block_count", 0)
+    gg = read_gguf(path)
+    n_layer = gg.arch_value("block_count", 0)
     ngl = (2 * n_layer) // 3 if rpc else 0
     settings = ModelSettings(n_batch=args.batch, n_ubatch=args.batch, rpc=rpc, n_gpu_layers=ngl, n_threads=args.threads)
     config = L2KVConfig(kv_budget=args.budget, recall=RecallSettings.parse(recall))
-    vocab = read_gguf(path).n_vocab
+    vocab = gg.n_vocab
     toks = np.random.default_rng(0).integers(10, min(vocab, 30000), size=args.budget + 8 * 128 + 512).tolist()
     with L2KVModel(path, settings, config) as m:
         m.feed(toks[: args.budget])
         pos = args.budget
         ms, sent, received, moved, archived = [], [], [], [], []
-        row = head_row_bytes(path)
-        nh = n_head_kv(path)
+        row = head_row_bytes(gg)
+        nh = n_head_kv(gg)
         for _ in range(args.events):
             m.feed(toks[pos : pos + 128])
             pos += 128

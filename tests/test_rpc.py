@@ -8,6 +8,7 @@ of an eviction is counted by a relay: the compaction must not move K/V through t
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -171,8 +172,6 @@ def test_cli_run_with_rpc_answers_like_local(tiny_model, servers) -> None:
     split = subprocess.run([*args, "--rpc", ",".join(servers)], capture_output=True, text=True, timeout=120)
     assert local.returncode == 0, local.stderr
     assert split.returncode == 0, split.stderr
-    import json
-
     a, b = json.loads(local.stdout), json.loads(split.stdout)
     assert a["text"] == b["text"] and a["text"]
 
@@ -249,6 +248,4 @@ def test_smollm2_over_rpc_answers_as_llama_cpp_python(smollm2_path, servers) -> 
     args += ["--temp", "0", "--kv-budget", "1024", "--rpc", ",".join(servers)]
     res = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    import json
-
     assert json.loads(res.stdout)["text"] == ref and ref

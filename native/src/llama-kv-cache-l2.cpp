@@ -1098,9 +1098,6 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
     const bool force_graph = llama_l2kv_force_graphs();
     uint64_t n_moved = 0;
     {
-        auto rows_of = [&](uint32_t ikv) {
-            return std::array<ggml_tensor *, 3>{ k_rows[ikv], v_rows[ikv], kn_rows[ikv] };
-        };
         std::vector<uint32_t> host_layers;
         std::vector<uint32_t> graph_layers;
         for (uint32_t ikv = 0; ikv < n_layer; ++ikv) {
@@ -1108,7 +1105,7 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
                 continue;
             }
             n_moved += mv_src[ikv].size();
-            const auto tensors = rows_of(ikv);
+            const auto tensors = row_aliases(ikv);
             const bool on_host = !force_graph && std::all_of(tensors.begin(), tensors.end(),
                     [](const ggml_tensor * t) { return ggml_backend_buffer_is_host(t->buffer); });
             (on_host ? host_layers : graph_layers).push_back(ikv);
@@ -1117,7 +1114,7 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
         llama_l2kv_parallel_for(host_layers.size(), n_threads(lctx), [&](uint32_t j) {
             const uint32_t ikv = host_layers[j];
             const size_t n = mv_src[ikv].size();
-            for (ggml_tensor * rows : rows_of(ikv)) {
+            for (ggml_tensor * rows : row_aliases(ikv)) {
                 char * data = (char *) rows->data;
                 const size_t nb1 = rows->nb[1];
                 for (size_t m = 0; m < n; ++m) {
@@ -1141,7 +1138,7 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
                 inp->src.emplace_back(src, std::move(mv_src[ikv]));
                 inp->dst.emplace_back(dst, std::move(mv_dst[ikv]));
 
-                for (ggml_tensor * rows : rows_of(ikv)) {
+                for (ggml_tensor * rows : row_aliases(ikv)) {
                     ggml_build_forward_expand(gf, ggml_set_rows(ctx, rows, ggml_get_rows(ctx, rows, src), dst));
                 }
             }

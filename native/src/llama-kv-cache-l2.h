@@ -36,6 +36,7 @@
 #include "ggml-backend.h"
 #include "ggml-cpp.h"
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -162,6 +163,7 @@ struct llama_kv_cache_l2 {
     std::vector<ggml_tensor *> k_rows;
     std::vector<ggml_tensor *> v_rows;
     std::vector<ggml_tensor *> kn_rows;
+    std::array<ggml_tensor *, 3> row_aliases(uint32_t ikv) const { return { k_rows[ikv], v_rows[ikv], kn_rows[ikv] }; }
 
     layer_tensors_bufs ctxs_bufs;
     ggml_context_ptr ctx_alias;
@@ -305,8 +307,12 @@ struct llama_kv_cache_l2 {
     // in host memory: read in place (layers in parallel); elsewhere (CUDA, Metal, RPC): one graph gathers only the
     // dropped rows of every such layer on its backend, so an eviction reads back what it archives, not whole caches
     bool archive_dropped(llama_context * lctx, const std::vector<std::vector<dropped_entry>> & dropped);
+    // dropped[j]'s row in the aliases of its layer (cell*n_group + group)
+    std::vector<int32_t> dropped_rows(uint32_t ikv, const std::vector<dropped_entry> & dropped) const;
+    // archive.add for every dropped entry, its K, V and kn rows at base[i] + row*nb; row_of[j] is dropped[j]'s row
+    // (nullptr: row j, rows gathered in order)
     void archive_rows(uint32_t ikv, const std::vector<dropped_entry> & dropped, const uint8_t * const base[3],
-            const std::vector<size_t> & row_of); // row_of[j]: dropped[j]'s row in base
+            const int32_t * row_of);
 
     // the first half of a recall: with the cache compacted to exactly kv_budget cells, put the archived
     // entries of `spans` back into cells [kv_budget, kv_budget + R) of every (layer, group) that holds

@@ -68,30 +68,22 @@ bool llama_kv_cache_l2::archive_start(bool on_disk, uint64_t max_bytes) {
 }
 
 bool llama_kv_cache_l2::archive_dropped(llama_context * lctx, const std::vector<std::vector<dropped_entry>> & dropped) {
-    auto tensors_of = [&](uint32_t ikv) {
-        return std::array<const ggml_tensor *, 3>{ k_rows[ikv], v_rows[ikv], kn_rows[ikv] };
-    };
     std::vector<uint32_t> host_layers;
     std::vector<uint32_t> graph_layers;
     for (uint32_t ikv = 0; ikv < n_layer(); ++ikv) {
         if (dropped[ikv].empty()) {
             continue;
         }
-        const auto t = tensors_of(ikv);
+        const auto t = row_aliases(ikv);
         const bool on_host = std::all_of(t.begin(), t.end(), [](const ggml_tensor * x) { return llama_l2kv_in_place(x); });
         (on_host ? host_layers : graph_layers).push_back(ikv);
     }
 
     llama_l2kv_parallel_for(host_layers.size(), n_threads(lctx), [&](uint32_t j) {
         const uint32_t ikv = host_layers[j];
-        const uint32_t ng  = n_group(ikv);
-        const auto     t   = tensors_of(ikv);
+        const auto t = row_aliases(ikv);
         const uint8_t * base[3] = { (const uint8_t *) t[0]->data, (const uint8_t *) t[1]->data, (const uint8_t *) t[2]->data };
-        std::vector<size_t> row_of(dropped[ikv].size());
-        for (size_t i = 0; i < row_of.size(); ++i) {
-            row_of[i] = (size_t) dropped[ikv][i].cell*ng + dropped[ikv][i].group;
-        }
-        archive_rows(ikv, dropped[ikv], base, row_of);
+        archive_rows(ikv, dropped[ikv], base, dropped_rows(ikv, dropped[ikv]).data());
     });
     if (graph_layers.empty()) {
         return true;
@@ -106,17 +98,12 @@ bool llama_kv_cache_l2::archive_dropped(llama_context * lctx, const std::vector<
     std::vector<std::array<ggml_tensor *, 3>> out(graph_layers.size());
     for (size_t j = 0; j < graph_layers.size(); ++j) {
         const uint32_t ikv = graph_layers[j];
-        const uint32_t ng  = n_group(ikv);
-        std::vector<int32_t> rows(dropped[ikv].size());
-        for (size_t i = 0; i < rows.size(); ++i) {
-            rows[i] = (int32_t) (dropped[ikv][i].cell*ng + dropped[ikv][i].group);
-        }
-        ggml_tensor * idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, (int64_t) rows.size());
+        ggml_tensor * idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, (int64_t) dropped[ikv].size());
         ggml_set_input(idx);
-        inp->src.emplace_back(idx, std::move(rows));
-        const auto t = tensors_of(ikv);
+        inp->src.emplace_back(idx, dropped_rows(ikv, dropped[ikv]));
+        const auto t = row_aliases(ikv);
         for (int i = 0; i < 3; ++i) {
-            out[j][i] = ggml_get_rows(ctx, const_cast<ggml_tensor *>(t[i]), idx);
+            out[j][i] = ggml_get_rows(ctx, t[i], idx);
             ggml_set_output(out[j][i]);
             ggml_build_forward_expand(gf, out[j][i]);
         }
@@ -125,8 +112,6 @@ bool llama_kv_cache_l2::archive_dropped(llama_context * lctx, const std::vector<
         return false;
     }
     for (size_t j = 0; j < graph_layers.size(); ++j) {
-        const uint32_t ikv = graph_layers[j];
-        const size_t   n   = dropped[ikv].size();
         std::vector<uint8_t> staged[3];
         const uint8_t * base[3];
         for (int i = 0; i < 3; ++i) {
@@ -134,23 +119,28 @@ bool llama_kv_cache_l2::archive_dropped(llama_context * lctx, const std::vector<
             ggml_backend_tensor_get(out[j][i], staged[i].data(), 0, staged[i].size());
             base[i] = staged[i].data();
         }
-        std::vector<size_t> row_of(n);
-        for (size_t i = 0; i < n; ++i) {
-            row_of[i] = i;
-        }
-        archive_rows(ikv, dropped[ikv], base, row_of);
+        archive_rows(graph_layers[j], dropped[graph_layers[j]], base, nullptr);
     }
     return true;
 }
 
+std::vector<int32_t> llama_kv_cache_l2::dropped_rows(uint32_t ikv, const std::vector<dropped_entry> & dropped) const {
+    const uint32_t ng = n_group(ikv);
+    std::vector<int32_t> rows(dropped.size());
+    for (size_t j = 0; j < dropped.size(); ++j) {
+        rows[j] = (int32_t) (dropped[j].cell*ng + dropped[j].group);
+    }
+    return rows;
+}
+
 void llama_kv_cache_l2::archive_rows(uint32_t ikv, const std::vector<dropped_entry> & dropped,
-        const uint8_t * const base[3], const std::vector<size_t> & row_of) {
-    const size_t nb[3] = { k_rows[ikv]->nb[1], v_rows[ikv]->nb[1], kn_rows[ikv]->nb[1] };
+        const uint8_t * const base[3], const int32_t * row_of) {
+    const auto t = row_aliases(ikv);
     for (size_t j = 0; j < dropped.size(); ++j) {
         const auto & d = dropped[j];
-        const size_t r = row_of[j];
-        if (!archive.add(ikv, d.group, d.pos, d.rot, base[0] + r*nb[0], base[1] + r*nb[1], base[2] + r*nb[2]) &&
-                !archive_write_failed) {
+        const size_t r = row_of != nullptr ? (size_t) row_of[j] : j;
+        if (!archive.add(ikv, d.group, d.pos, d.rot, base[0] + r*t[0]->nb[1], base[1] + r*t[1]->nb[1],
+                base[2] + r*t[2]->nb[1]) && !archive_write_failed) {
             archive_write_failed = true; // (the entry is lost, as without an archive)
             LLAMA_LOG_WARN("%s: cannot write to the archive's temporary file (disk full?): evicted entries are "
                     "lost from now on\n", __func__);
@@ -200,7 +190,7 @@ uint32_t llama_kv_cache_l2::recall_inject(const llama_l2kv_spans & spans) {
         filler[ikv].assign((size_t) n_cells*ng, 0);
 
         // per tensor: the new rows, staged and written at once; the kept rows fillers copy (cells [0, n_src))
-        ggml_tensor * tensors[3] = { k_rows[ikv], v_rows[ikv], kn_rows[ikv] };
+        const auto    tensors    = row_aliases(ikv);
         const size_t  offset[3]  = { 0, lay.k, lay.k + lay.v };
         const uint32_t n_src = std::min(n_new, n_keep);
         std::vector<uint8_t> stage[3];
