@@ -170,6 +170,11 @@ def _sampling_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             type=click.IntRange(min=-1, max=2**32 - 1),
             help="sampling seed (-1 = random)",
         ),
+        click.option(
+            "--ignore-eos",
+            is_flag=True,
+            help="never end the answer at an end-of-generation token (as llama-cli; with -n -1 it runs until stopped)",
+        ),
     )(fn)
 
 

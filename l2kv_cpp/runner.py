@@ -87,6 +87,7 @@ def settings_from_options(opts: dict[str, Any]) -> dict[str, Any]:
         min_p=opts["min_p"],
         repeat_penalty=opts["repeat_penalty"],
         seed=LLAMA_DEFAULT_SEED if opts["seed"] < 0 else opts["seed"],
+        ignore_eos=opts["ignore_eos"],
     )
     return {"model_settings": model, "l2kv": l2kv, "sampling": sampling}
 

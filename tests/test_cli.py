@@ -66,6 +66,16 @@ def test_run_on_tiny_model_json(tiny_model):
     assert out["kv"]["enabled"] and out["kv"]["kv_budget"] == 64
 
 
+def test_run_ignore_eos_answers_exactly_n_tokens(tiny_model):
+    # seed 2 at this temperature samples the end token after 166 tokens on the tiny model
+    args = ["run", str(tiny_model), "-p", "abc", "-n", "300", "--json", "--kv-budget", "64", "-b", "32"]
+    args += ["--temp", "1.5", "--top-k", "0", "--min-p", "0", "--seed", "2"]
+    free = json.loads(invoke(*args).stdout)
+    assert free["finish_reason"] == "stop" and free["n_generated_tokens"] < 300
+    forced = json.loads(invoke(*args, "--ignore-eos").stdout)
+    assert forced["finish_reason"] == "length" and forced["n_generated_tokens"] == 300
+
+
 def test_run_with_recall_reports_its_archive(tiny_model, tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("the sky is blue. " * 60 + "the pass key is 123. " + "the grass is green. " * 60)

@@ -341,3 +341,13 @@ def test_smollm2_chat_answers_as_llama_cpp_python_and_reuses_the_first_turn(smol
     finally:
         out = server.stop()
     assert server.proc.returncode == 0, out
+
+
+def test_serve_ignore_eos_is_the_default_a_request_can_override() -> None:
+    from l2kv_cpp.sampling import SamplingSettings
+    from l2kv_cpp.serve.api import CompletionRequest, completion_turn
+
+    on = SamplingSettings(ignore_eos=True)
+    assert completion_turn(CompletionRequest(prompt="a"), on, 16, 64).sampling.ignore_eos
+    assert not completion_turn(CompletionRequest(prompt="a", ignore_eos=False), on, 16, 64).sampling.ignore_eos
+    assert not completion_turn(CompletionRequest(prompt="a"), SamplingSettings(), 16, 64).sampling.ignore_eos

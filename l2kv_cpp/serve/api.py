@@ -68,7 +68,7 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1, le=1)] = 1  # one choice per request
-    ignore_eos: bool = False  # llama-server's extension: answers of exactly max_tokens (load tests)
+    ignore_eos: bool | None = None  # llama-server's extension: answers of exactly max_tokens (load tests)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -101,7 +101,7 @@ def _sampling(req: _Sampling, defaults: SamplingSettings) -> SamplingSettings:
         repeat_penalty=defaults.repeat_penalty,
         repeat_last_n=defaults.repeat_last_n,
         seed=seed,
-        ignore_eos=req.ignore_eos,
+        ignore_eos=defaults.ignore_eos if req.ignore_eos is None else req.ignore_eos,
     )
 
 
