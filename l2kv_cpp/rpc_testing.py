@@ -119,15 +119,22 @@ def _free_port() -> int:
 class LocalServers:
     """n rpc-servers (l2kv-rpc-server) on 127.0.0.1, each on a free port, stopped (killed if need be) on exit."""
 
-    def __init__(self, n: int, threads: int = 1, log_dir: Path | None = None, start_timeout: float = 20.0):
+    def __init__(
+        self,
+        n: int,
+        threads: int = 1,
+        log_dir: Path | None = None,
+        start_timeout: float = 20.0,
+        omp_wait_policy: str = "passive",
+    ):
         self.procs: list[subprocess.Popen[bytes]] = []
         self.endpoints: list[str] = []
         self.logs: list[Path] = []
         program = server_program()
         # the servers share this machine's cores with the client and each other: OpenMP threads that spin
         # after each graph (its default) would take the cores the next stage needs (SmolLM2 split over two
-        # local servers: 7 tokens/s spinning, 37 passive, 47-55 all local, on 2 cores)
-        env = {**os.environ, "OMP_WAIT_POLICY": "passive"}
+        # local servers: `python scripts/bench_rpc.py --server-wait active` against the default, on 2 cores)
+        env = {**os.environ, "OMP_WAIT_POLICY": omp_wait_policy}
         try:
             for i in range(n):
                 port = _free_port()

@@ -108,10 +108,16 @@ def main() -> int:
     ap.add_argument("--recall", default="off,lexical", help="comma-separated recall settings")
     ap.add_argument("--threads", type=int, default=None, help="client CPU threads")
     ap.add_argument("--server-threads", type=int, default=2)
+    ap.add_argument(
+        "--server-wait",
+        choices=("passive", "active"),
+        default="passive",
+        help="the servers' OMP_WAIT_POLICY (active: OpenMP workers spin after each graph, its default)",
+    )
     args = ap.parse_args()
 
     rows = []
-    with LocalServers(2, threads=args.server_threads) as endpoints:
+    with LocalServers(2, threads=args.server_threads, omp_wait_policy=args.server_wait) as endpoints:
         relays = [TrafficCounter(ep) for ep in endpoints]
         try:
             for name in args.models.split(","):
@@ -151,7 +157,8 @@ def main() -> int:
         "evictions in decode",
     ]
     print(tabulate(rows, headers=headers, tablefmt="github"))
-    print(f"budget {args.budget}, n_batch {args.batch}, server threads {args.server_threads}")
+    print(f"budget {args.budget}, n_batch {args.batch}, server threads {args.server_threads}, "
+          f"servers' OMP_WAIT_POLICY {args.server_wait}")  # fmt: skip
     return 0
 
 
