@@ -1155,13 +1155,10 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
     //    while keys keep their original positions, so that mode runs exactly what it ran before); renumbered only
     //    when positions would pass rope_limit before the next eviction (each re-rotation rounds the key again);
     //    rows a recall put back are always renumbered
-    static const bool gaps = getenv("LLAMA_L2KV_ROPE_GAPS") != nullptr; // experiment
-    const int32_t span = gaps ? std::max((int32_t) n_keep, rope_limit - (int32_t) n_slack - 1) : 0;
-    const bool renumber = !rope_cache || pending_renumber_now || gaps ||
+    const bool renumber = !rope_cache || pending_renumber_now ||
             (int64_t) pos_last + 1 - pos_delta + n_slack > (int64_t) rope_limit;
-    std::vector<std::vector<int32_t>> new_rpos =
-            renumber ? target_rope_positions(new_tpos, n_keep, n_threads(lctx), pos_last, span) : old_rpos;
-    const int32_t new_delta = !rope_cache ? 0 : !renumber ? pos_delta : gaps ? pos_last - span : pos_last + 1 - (int32_t) n_keep;
+    std::vector<std::vector<int32_t>> new_rpos = renumber ? target_rope_positions(new_tpos, n_keep, n_threads(lctx)) : old_rpos;
+    const int32_t new_delta = !rope_cache ? 0 : renumber ? pos_last + 1 - (int32_t) n_keep : pos_delta;
     {
         std::vector<std::vector<int32_t>> delta(n_layer);
         uint64_t n_rot = 0;

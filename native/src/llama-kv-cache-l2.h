@@ -380,10 +380,8 @@ struct llama_kv_cache_l2 {
 
     // the RoPE positions the kept entries of an eviction get: from the true positions new_tpos of cells
     // [0, n_keep) (layout of tpos), the ranks per (layer, head) with rope_cache, else the true positions
-    // (span > 0: the distances to pos_last kept as in the text, each gap between neighbours clipped so that the
-    // oldest kept key sits at most span positions before pos_last, which sits at span)
     std::vector<std::vector<int32_t>> target_rope_positions(const std::vector<std::vector<int32_t>> & new_tpos,
-            uint32_t n_keep, int32_t n_threads, int32_t pos_last = 0, int32_t span = 0) const;
+            uint32_t n_keep, int32_t n_threads) const;
 
     // the RoPE position of the newest entry (-1 when empty): the next token is rotated to one more
     int32_t rope_pos_max() const;

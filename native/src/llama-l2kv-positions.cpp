@@ -54,28 +54,8 @@ int32_t llama_kv_cache_l2::rope_limit_for() const {
     return std::max(strict, lazy);
 }
 
-// the largest clip c >= 1 with sum(min(gap, c)) <= span (gaps sorted ascending; c = 1 fits when span >= the count)
-static int32_t llama_l2kv_gap_clip(const std::vector<int32_t> & gaps, int64_t span) {
-    int32_t lo = 1;
-    int32_t hi = gaps.empty() ? 1 : std::max(1, gaps.back());
-    while (lo < hi) {
-        const int32_t mid = lo + (hi - lo + 1)/2;
-        int64_t sum = 0;
-        for (const int32_t g : gaps) {
-            sum += std::min(g, mid);
-        }
-        if (sum <= span) {
-            lo = mid;
-        } else {
-            hi = mid - 1;
-        }
-    }
-    return lo;
-}
-
 std::vector<std::vector<int32_t>> llama_kv_cache_l2::target_rope_positions(
-        const std::vector<std::vector<int32_t>> & new_tpos, uint32_t n_keep, int32_t n_threads, int32_t pos_last,
-        int32_t span) const {
+        const std::vector<std::vector<int32_t>> & new_tpos, uint32_t n_keep, int32_t n_threads) const {
     if (!rope_cache) {
         return new_tpos;
     }
@@ -90,25 +70,8 @@ std::vector<std::vector<int32_t>> llama_kv_cache_l2::target_rope_positions(
                 key[c] = (uint64_t) (uint32_t) tp[(size_t) c*nh + h] << 32 | c;
             }
             std::sort(key.begin(), key.end());
-            if (span <= 0 || n_keep == 0) {
-                for (uint32_t r = 0; r < n_keep; ++r) {
-                    out[ikv][(size_t) (key[r] & 0xffffffffu)*nh + h] = (int32_t) r;
-                }
-                continue;
-            }
-            // gaps between neighbours (and from the newest kept key to pos_last), clipped at one c per head
-            std::vector<int32_t> gap(n_keep);
             for (uint32_t r = 0; r < n_keep; ++r) {
-                const int32_t next = r + 1 < n_keep ? (int32_t) (key[r + 1] >> 32) : pos_last;
-                gap[r] = next - (int32_t) (key[r] >> 32);
-            }
-            std::vector<int32_t> sorted_gap = gap;
-            std::sort(sorted_gap.begin(), sorted_gap.end());
-            const int32_t c = llama_l2kv_gap_clip(sorted_gap, span);
-            int32_t q = span;
-            for (uint32_t r = n_keep; r-- > 0;) {
-                q -= std::min(gap[r], c);
-                out[ikv][(size_t) (key[r] & 0xffffffffu)*nh + h] = q;
+                out[ikv][(size_t) (key[r] & 0xffffffffu)*nh + h] = (int32_t) r;
             }
         }
     });
