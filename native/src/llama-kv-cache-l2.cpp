@@ -1153,7 +1153,7 @@ bool llama_kv_cache_l2::evict(llama_context * lctx) {
     // 4. RoPE positions: with rope_cache the kept keys of every (layer, head) become 0..n_keep-1 in the order of
     //    their true positions and the next token n_keep; K rows whose rotation changes are re-rotated (none
     //    while keys keep their original positions, so that mode runs exactly what it ran before); renumbered only
-    //    when positions would pass rope_limit before the next eviction (each re-rotation rounds the key again);
+    //    when positions would pass rope_limit before the next eviction (see rope_limit_for);
     //    rows a recall put back are always renumbered
     const bool renumber = !rope_cache || pending_renumber_now ||
             (int64_t) pos_last + 1 - pos_delta + n_slack > (int64_t) rope_limit;

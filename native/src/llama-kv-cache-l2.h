@@ -179,8 +179,8 @@ struct llama_kv_cache_l2 {
     bool rope_cache = false; // LLAMA_L2KV_POSITIONS_CACHE in effect (asked for, and the model's keys can be shifted)
 
     // an eviction renumbers the kept keys only when the RoPE positions could otherwise pass this before the next
-    // one: min(4 (kv_budget + n_slack), n_ctx_train / 2), at least kv_budget + n_slack (every eviction): each
-    // re-rotation rounds the key again (see rope_limit_for)
+    // one: min(4 (kv_budget + n_slack), n_ctx_train / 2), at least kv_budget + n_slack (every eviction); measured
+    // closer to a full cache than renumbering at every eviction (see rope_limit_for)
     int32_t rope_limit = 0;
 
     // the sliding-window cache of an iSWA model (nullptr otherwise): its K rows follow pos_delta too, since

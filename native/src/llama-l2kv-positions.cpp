@@ -6,9 +6,9 @@
 // inside the cache: at an eviction each (layer, KV head) renumbers its kept keys 0..T-1 in the order of
 // their true positions, K is re-rotated by the per-row difference (llama.cpp's K-shift, build_rope_shift,
 // which also handles quantized K and the Hadamard-rotated caches), and new tokens are rotated to their
-// position minus pos_delta = (last position + 1 - T), so the next token sits at T. Every re-rotation rounds
-// the key again, so an eviction renumbers only when positions would otherwise pass rope_limit_for() (a few
-// times the cache, at most half the training context) before the next one.
+// position minus pos_delta = (last position + 1 - T), so the next token sits at T. An eviction renumbers
+// only when positions would otherwise pass rope_limit_for() (a few times the cache, at most half the
+// training context) before the next one: measured closer to a full cache than renumbering at every one.
 //
 // Only RoPE sees these positions. The positions callers pass, the cells, the masks (causal and sliding
 // window), the policies, recency protection, the archive and recall keep the true positions. Every
@@ -42,13 +42,13 @@ int32_t llama_kv_cache_l2::rope_limit_for() const {
     if (getenv("LLAMA_L2KV_ROPE_STRICT") != nullptr) { // A/B and tests: renumber at every eviction
         return strict;
     }
-    // every re-rotation rounds the key again: a quantized key drifts by up to half a quantization step (q4_0: an
-    // eighth of its block's largest value), an f16 key by half an ulp, and the keys that stay longest (the facts a
-    // policy keeps) are re-rotated at every eviction they survive. Measured (docs/results.md, issue 19): SmolLM2,
-    // KeyDiff at budget 1024, 64k tokens: +39% perplexity in the worst bucket renumbering at every eviction, +23%
-    // with this rule (q4_0 at 12k: +102% against +20%). Gaps in positions are harmless inside the training
-    // context (the original positions have them all along): let positions grow to 4x the cache, at most half the
-    // training context, and renumber then
+    // measured (docs/results.md, issue 19), SmolLM2, KeyDiff at budget 1024, 64k tokens: +39% perplexity in the
+    // worst bucket renumbering at every eviction, +23% with this rule. Not for f16 rounding (an f32 cache renumbering
+    // at every eviction gives +39% too) but for the positions left as in the text between renumberings (keeping
+    // every gap at every eviction instead: +30%). A quantized key also drifts by up to half a quantization step
+    // per re-rotation (q4_0 at 12k: +102% against +20%). Gaps are harmless inside the training context (the
+    // original positions have them all along): let positions grow to 4x the cache, at most half the training
+    // context, and renumber then
     const int32_t n_train = (int32_t) kv.hparams.n_ctx_train;
     const int32_t lazy    = n_train > 0 ? std::min(4*strict, n_train/2) : strict;
     return std::max(strict, lazy);
