@@ -68,12 +68,14 @@ class TrafficCounter:
     def _pump(self, src: socket.socket, dst: socket.socket, to_server: bool) -> None:
         try:
             while data := src.recv(1 << 20):
-                dst.sendall(data)
+                # counted before it is passed on: once the other side has the bytes, a snapshot includes them
+                # (counted after, a loaded machine let a call's last bytes land in the next call's window)
                 with self._lock:
                     if to_server:
                         self._sent += len(data)
                     else:
                         self._received += len(data)
+                dst.sendall(data)
         except OSError:
             pass
         for s in (src, dst):  # one side gone: end both, as a direct connection would
