@@ -49,9 +49,6 @@ int32_t llama_kv_cache_l2::rope_limit_for() const {
     // per re-rotation (q4_0 at 12k: +102% against +20%). Gaps are harmless inside the training context (the
     // original positions have them all along): let positions grow to 4x the cache, at most half the training
     // context, and renumber then
-    if (const char * e = getenv("LLAMA_L2KV_ROPE_LIMIT")) { // experiment
-        return std::max(strict, (int32_t) atoi(e));
-    }
     const int32_t n_train = (int32_t) kv.hparams.n_ctx_train;
     const int32_t lazy    = n_train > 0 ? std::min(4*strict, n_train/2) : strict;
     return std::max(strict, lazy);
