@@ -136,7 +136,7 @@ def rope_positions_line(positions: Positions, n_ctx_train: int, max_cells: int) 
     """What `info` says about RoPE distances with eviction: bounded by the cache, or growing with the text."""
     if positions == Positions.CACHE:
         # (llama-l2kv-positions.cpp, rope_limit_for: renumbering seldom was measured closer to a full cache)
-        limit = max(max_cells, min(4 * max_cells, n_ctx_train // 2)) if n_ctx_train > 0 else max_cells
+        limit = max(max_cells, min(4 * max_cells, n_ctx_train * 3 // 4)) if n_ctx_train > 0 else max_cells
         ok = "inside" if limit <= n_ctx_train else "PAST"
         return (
             f"cache: kept keys renumbered inside the cache when positions would pass {limit}, so positions < "

@@ -62,9 +62,9 @@ extern "C" {
         LLAMA_L2KV_POSITIONS_CACHE    = 1, // StreamingLLM's rule: each (layer, KV head) renumbers its kept keys 0..n-1 in
                                            // the order of their positions and re-rotates K; new tokens continue from n
                                            // (the positions callers pass, masks and recall keep the text's positions).
-                                           // Each re-rotation rounds a key again, so it renumbers only when positions
-                                           // would pass max(kv_budget + n_slack, min(4 (kv_budget + n_slack),
-                                           // n_ctx_train / 2)): RoPE positions stay below that at any length
+                                           // Renumbers only when positions would pass max(kv_budget + n_slack,
+                                           // min(4 (kv_budget + n_slack), 3/4 n_ctx_train)) (measured closer to a
+                                           // full cache): RoPE positions stay below that at any length
     };
 
     struct llama_l2kv_params {

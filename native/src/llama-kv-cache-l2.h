@@ -179,7 +179,7 @@ struct llama_kv_cache_l2 {
     bool rope_cache = false; // LLAMA_L2KV_POSITIONS_CACHE in effect (asked for, and the model's keys can be shifted)
 
     // an eviction renumbers the kept keys only when the RoPE positions could otherwise pass this before the next
-    // one: min(4 (kv_budget + n_slack), n_ctx_train / 2), at least kv_budget + n_slack (every eviction); measured
+    // one: min(4 (kv_budget + n_slack), 3/4 n_ctx_train), at least kv_budget + n_slack (every eviction); measured
     // closer to a full cache than renumbering at every eviction (see rope_limit_for)
     int32_t rope_limit = 0;
 

@@ -7,8 +7,8 @@
 // their true positions, K is re-rotated by the per-row difference (llama.cpp's K-shift, build_rope_shift,
 // which also handles quantized K and the Hadamard-rotated caches), and new tokens are rotated to their
 // position minus pos_delta = (last position + 1 - T), so the next token sits at T. An eviction renumbers
-// only when positions would otherwise pass rope_limit_for() (a few times the cache, at most half the
-// training context) before the next one: measured closer to a full cache than renumbering at every one.
+// only when positions would otherwise pass rope_limit_for() (a few times the cache, at most three quarters
+// of the training context) before the next one: measured closer to a full cache than renumbering at every one.
 //
 // Only RoPE sees these positions. The positions callers pass, the cells, the masks (causal and sliding
 // window), the policies, recency protection, the archive and recall keep the true positions. Every
@@ -42,15 +42,16 @@ int32_t llama_kv_cache_l2::rope_limit_for() const {
     if (getenv("LLAMA_L2KV_ROPE_STRICT") != nullptr) { // A/B and tests: renumber at every eviction
         return strict;
     }
-    // measured (docs/results.md, issue 19), SmolLM2, KeyDiff at budget 1024, 64k tokens: +39% perplexity in the
-    // worst bucket renumbering at every eviction, +23% with this rule. Not for f16 rounding (an f32 cache renumbering
-    // at every eviction gives +39% too) but for the positions left as in the text between renumberings (keeping
-    // every gap at every eviction instead: +30%). A quantized key also drifts by up to half a quantization step
-    // per re-rotation (q4_0 at 12k: +102% against +20%). Gaps are harmless inside the training context (the
-    // original positions have them all along): let positions grow to 4x the cache, at most half the training
-    // context, and renumber then
+    // measured (docs/results.md, issue 19), SmolLM2, KeyDiff, 64k tokens, worst bucket against a full cache: at
+    // budget 1024 +39% renumbering at every eviction, +23% with positions up to half the training context, +19% up
+    // to this limit; at budget 4096 +17.5% at every eviction (half the context is less than the cache there), +12%
+    // here. Not for f16 rounding (an f32 cache renumbering at every eviction gives +39% too) but for the positions
+    // left as in the text between renumberings (keeping every gap at every eviction instead: +30%). A quantized key
+    // also drifts by up to half a quantization step per re-rotation (q4_0 at 12k: +102% against +20%). Gaps are
+    // harmless inside the training context (the original positions have them all along): let positions grow to
+    // 4x the cache, at most three quarters of the training context, and renumber then
     const int32_t n_train = (int32_t) kv.hparams.n_ctx_train;
-    const int32_t lazy    = n_train > 0 ? std::min(4*strict, n_train/2) : strict;
+    const int32_t lazy    = n_train > 0 ? std::min(4*strict, (int32_t) ((int64_t) n_train*3/4)) : strict;
     return std::max(strict, lazy);
 }
 
