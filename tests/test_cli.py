@@ -116,7 +116,8 @@ def test_run_says_once_when_the_conversation_passes_the_training_context(tmp_pat
     assert res.stderr.count("past the model's 256-token training context") == 1
     res = invoke(*args)
     assert res.exit_code == 0, res.output
-    assert json.loads(invoke(*args, "--json").stdout)["kv"]["rope_pos_max"] < 64 + 32
+    # renumbered before positions pass max(budget + slack, min(4 (budget + slack), 3/4 x 256)) = 192
+    assert json.loads(invoke(*args, "--json").stdout)["kv"]["rope_pos_max"] < 192
     assert "training context" not in res.stderr
     doc.write_text("abc " * 20)
     res = invoke("run", str(model), "-f", str(doc), "-p", "x", "-n", "20", *TINY_RUN)
@@ -187,8 +188,8 @@ def test_info_on_tiny_model(tiny_model):
     f16 = next(line for line in res.stdout.splitlines() if line.startswith("| f16"))
     assert f16.rstrip("| ").endswith("1.1 KiB")
     assert (
-        "RoPE positions cache: kept keys renumbered" in res.stdout and "positions < 2048 at any length" in res.stdout
-    )  # min(4 x 1536, 4096 / 2)
+        "RoPE positions cache: kept keys renumbered" in res.stdout and "positions < 3072 at any length" in res.stdout
+    )  # min(4 x 1536, 3/4 x 4096)
     res_orig = invoke("info", str(tiny_model), "--positions", "original")
     assert res_orig.exit_code == 0 and "RoPE positions original: keys keep their positions" in res_orig.stdout
     res = invoke("info", str(tiny_model), "--kv-budget", "1024", "--kv-slack", "2048")
