@@ -134,9 +134,9 @@ def test_positions_stay_bounded_and_memory_constant_over_a_100k_token_stream(tin
 
 @pytest.mark.parametrize("cache_type", ["f16", "q8_0", "q4_0"])
 def test_the_cache_renumbers_less_often_and_stays_below_its_limit(tiny_model_hd64, monkeypatch, cache_type):
-    """Re-rotating a key rounds it again (a quantized key is requantized), so positions grow to 4x the cache (at
-    most 3/4 of the training context) before the cache renumbers: far fewer rows re-rotated than renumbering at
-    every eviction (LLAMA_L2KV_ROPE_STRICT), positions still bounded."""
+    """Positions grow to 4x the cache (at most 3/4 of the training context) before the cache renumbers (measured
+    closer to a full cache; a quantized key is also requantized at each re-rotation): far fewer rows re-rotated
+    than renumbering at every eviction (LLAMA_L2KV_ROPE_STRICT), positions still bounded."""
     n_batch, budget, n = 64, 128, 6000
     types = {"type_k": ggml_type_id(cache_type), "type_v": ggml_type_id(cache_type)}
     tokens = random_tokens(n, seed=9)
